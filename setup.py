@@ -1,0 +1,56 @@
+"""Build of cybn's compiled kernels.
+
+Environment switches (all optional):
+  CYBN_NATIVE=1          compile for the build machine's CPU (-march=native)
+  CYBN_BOUNDSCHECK=1     turn Cython's bounds and wraparound checks back on
+  CYBN_NO_OPENMP=1       build without OpenMP (kernels then run serially)
+"""
+import os
+import sys
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+
+def flag(name):
+    return os.environ.get(name, "") not in ("", "0")
+
+
+compile_args = [
+    "-O3",
+    # No contraction of a*b+c into fma: results are then the same on every
+    # machine and instruction set, not only for every thread count.
+    "-ffp-contract=off",
+]
+link_args = []
+if flag("CYBN_NATIVE"):
+    compile_args.append("-march=native")
+if not flag("CYBN_NO_OPENMP") and sys.platform != "win32":
+    compile_args.append("-fopenmp")
+    link_args.append("-fopenmp")
+elif sys.platform != "win32":
+    compile_args.append("-fopenmp-simd")  # the `omp simd` hints still apply
+
+checks = flag("CYBN_BOUNDSCHECK")
+directives = {
+    "language_level": 3,
+    "boundscheck": checks,
+    "wraparound": checks,
+    "initializedcheck": checks,
+    "cdivision": True,
+}
+
+extensions = [
+    Extension(
+        "cybn._kernels",
+        ["cybn/_kernels.pyx"],
+        include_dirs=[np.get_include(), "cybn"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args,
+        depends=["cybn/_loops.h"],
+    )
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))
