@@ -437,7 +437,7 @@ def plot(results, out):
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    ax_acc.legend(loc="lower right", fontsize=8)
+    ax_acc.legend(loc="center right", fontsize=8)
     fig.suptitle("NumPy CNN on sklearn digits: with vs. without batch normalization")
     fig.tight_layout()
     fig.savefig(out, dpi=80)

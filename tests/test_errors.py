@@ -1,0 +1,146 @@
+"""Bad input raises a clear error naming the argument, and modifies nothing."""
+import numpy as np
+import pytest
+
+import cybn
+
+
+class Untouched:
+    """Asserts that the arrays given are bitwise unchanged at exit."""
+
+    def __init__(self, *arrays):
+        self.arrays = [a for a in arrays if isinstance(a, np.ndarray)]
+        self.copies = [a.copy() for a in self.arrays]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for a, c in zip(self.arrays, self.copies):
+            np.testing.assert_array_equal(a, c)
+        return False
+
+
+def _setup(dtype=np.float32, shape=(4, 3, 5, 5)):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    return dict(x=x, weight=np.ones(c, dtype), bias=np.zeros(c, dtype),
+                running_mean=np.full(c, 0.5, dtype), running_var=np.full(c, 2.0, dtype),
+                out=np.full(shape, 7.0, dtype))
+
+
+def _raises_train(exc, match, **changes):
+    a = _setup()
+    a.update(changes)
+    with Untouched(*a.values()), pytest.raises(exc, match=match):
+        cybn.forward_train(a["x"], a["weight"], a["bias"], a["running_mean"],
+                           a["running_var"], out=a["out"],
+                           **{k: v for k, v in changes.items() if k in ("momentum", "eps")})
+
+
+@pytest.mark.parametrize("bad_dtype", [np.int32, np.int64, np.float16, np.complex64, bool])
+def test_unsupported_dtype_is_a_type_error(bad_dtype):
+    _raises_train(TypeError, "x must have dtype float32 or float64",
+                  x=np.ones((4, 3, 5, 5), bad_dtype))
+
+
+def test_non_array_x_is_a_type_error():
+    _raises_train(TypeError, "x must be a NumPy ndarray", x=[[1.0, 2.0], [3.0, 4.0]])
+
+
+@pytest.mark.parametrize("shape", [(5,), (), (2, 3, 2, 2, 2, 2)])
+def test_wrong_rank_is_a_value_error(shape):
+    _raises_train(ValueError, "x must have 2 to 5 dimensions", x=np.ones(shape, np.float32))
+
+
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_parameter_of_wrong_length(name):
+    _raises_train(ValueError, f"{name} must have shape \\(3,\\)", **{name: np.ones(4)})
+
+
+def test_parameter_of_complex_dtype():
+    _raises_train(TypeError, "weight must hold real numbers", weight=np.ones(3, complex))
+
+
+def test_out_of_wrong_shape_dtype_or_read_only():
+    _raises_train(ValueError, "out must have the shape of x", out=np.zeros((4, 3, 5, 4), np.float32))
+    _raises_train(TypeError, r"out must have the dtype of x \(float32\)",
+                  out=np.zeros((4, 3, 5, 5), np.float64))
+    ro = np.zeros((4, 3, 5, 5), np.float32)
+    ro.flags.writeable = False
+    _raises_train(ValueError, "out must be writeable", out=ro)
+
+
+def test_running_stats_checks():
+    _raises_train(ValueError, "running_mean was given without running_var", running_var=None)
+    _raises_train(ValueError, "running_var was given without running_mean", running_mean=None)
+    _raises_train(TypeError, r"running_mean must have the dtype of x \(float32\)",
+                  running_mean=np.zeros(3))
+    _raises_train(ValueError, r"running_var must have shape \(3,\)", running_var=np.ones(4, np.float32))
+    _raises_train(ValueError, "running_mean must be C-contiguous",
+                  running_mean=np.zeros(6, np.float32)[::2])
+    ro = np.zeros(3, np.float32)
+    ro.flags.writeable = False
+    _raises_train(ValueError, "running_var must be writeable", running_var=ro)
+    _raises_train(TypeError, "running_mean must be a NumPy ndarray", running_mean=[0.0, 0.0, 0.0])
+
+
+def test_out_aliasing_running_stats():
+    a = _setup(shape=(3, 3))
+    a["out"] = np.zeros((3, 3), np.float32)
+    a["running_mean"] = a["out"][0]
+    with Untouched(*a.values()), pytest.raises(ValueError, match="out must not share memory with running_mean"):
+        cybn.forward_train(a["x"], None, None, a["running_mean"], a["running_var"], out=a["out"])
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
+def test_bad_momentum(momentum):
+    _raises_train(ValueError, "momentum must be in", momentum=momentum)
+
+
+@pytest.mark.parametrize("eps", [-1e-5, float("nan"), float("inf")])
+def test_bad_eps(eps):
+    _raises_train(ValueError, "eps must be in", eps=eps)
+
+
+def test_non_numeric_eps():
+    _raises_train(TypeError, "eps must be a real number", eps="0.1")
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1), (1, 3, 1, 1, 1)])
+def test_one_value_per_channel_in_training(shape):
+    _raises_train(ValueError, "Expected more than 1 value per channel when training",
+                  x=np.ones(shape, np.float32), out=None)
+
+
+def test_backward_checks():
+    a = _setup()
+    x = a["x"]
+    mean, invstd = np.zeros(3, np.float32), np.ones(3, np.float32)
+    out = a["out"]
+    with Untouched(x, out, mean, invstd):
+        with pytest.raises(TypeError, match=r"dy must have the dtype of x \(float32\)"):
+            cybn.backward(x.astype(np.float64), x, mean, invstd, out=out)
+        with pytest.raises(ValueError, match="dy must have the shape of x"):
+            cybn.backward(x[:2], x, mean, invstd, out=out)
+        with pytest.raises(ValueError, match=r"mean must have shape \(3,\)"):
+            cybn.backward(x, x, np.zeros(2), invstd, out=out)
+        with pytest.raises(ValueError, match=r"invstd must have shape \(3,\)"):
+            cybn.backward(x, x, mean, np.zeros((3, 1)), out=out)
+        with pytest.raises(TypeError, match="training must be True or False"):
+            cybn.backward(x, x, mean, invstd, training="yes", out=out)
+        with pytest.raises(TypeError, match="out must have the dtype of x"):
+            cybn.backward(x, x, mean, invstd, out=out.astype(np.float64))
+
+
+def test_forward_eval_checks():
+    a = _setup()
+    x, out = a["x"], a["out"]
+    with Untouched(x, out):
+        with pytest.raises(TypeError, match="running_mean is required"):
+            cybn.forward_eval(x, None, np.ones(3), out=out)
+        with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
+            cybn.forward_eval(x, np.zeros(3), np.ones(2), out=out)
+        with pytest.raises(ValueError, match="x must have 2 to 5 dimensions"):
+            cybn.forward_eval(x[0, 0, 0], np.zeros(3), np.ones(3))

@@ -1,0 +1,99 @@
+"""Thread count independence (bitwise) and the GIL released in kernels."""
+import threading
+import time
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import cybn
+from conftest import random_batch
+
+# Big enough to run in parallel (the kernels stay serial below 2**15 values);
+# channel counts that do not divide evenly among threads.
+SHAPES = [(8, 13, 20, 20), (4096, 67), (64, 130, 1, 1), (6, 3, 40, 40)]
+
+
+def _all_results(x, dy):
+    w = np.linspace(0.5, 1.5, x.shape[1])
+    b = np.linspace(-1, 1, x.shape[1])
+    rm, rv = np.zeros(x.shape[1], x.dtype), np.ones(x.shape[1], x.dtype)
+    y, mean, invstd = cybn.forward_train(x, w, b, rm, rv)
+    dx, dw, db = cybn.backward(dy, x, mean, invstd, w)
+    dx_eval, _, _ = cybn.backward(dy, x, mean, invstd, w, training=False)
+    y_eval = cybn.forward_eval(x, rm, rv, w, b)
+    count, m, m2 = cybn.batch_moments(x)
+    return [y, mean, invstd, rm, rv, dx, dw, db, dx_eval, y_eval, m, m2]
+
+
+def test_openmp_runtime_is_controlled_by_threadpoolctl():
+    assert any(info["user_api"] == "openmp" for info in threadpool_info())
+    with threadpool_limits(1, user_api="openmp"):
+        assert cybn.max_threads() == 1
+    with threadpool_limits(3, user_api="openmp"):
+        assert cybn.max_threads() == 3
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_results_are_bitwise_identical_for_any_thread_count(shape, dtype):
+    x = random_batch(shape, dtype, seed=1, offset=3)
+    dy = random_batch(shape, dtype, seed=2)
+    results = {}
+    for n in (1, 2, 3, 4, 7):
+        with threadpool_limits(n, user_api="openmp"):
+            assert cybn.max_threads() == n
+            results[n] = _all_results(x, dy)
+    for n, values in results.items():
+        for i, (a, b) in enumerate(zip(values, results[1])):
+            assert a.tobytes() == b.tobytes(), f"result {i} differs with {n} threads"
+
+
+def test_python_threads_get_the_serial_results():
+    inputs = [(random_batch(s, np.float32, seed=i), random_batch(s, np.float32, seed=i + 50))
+              for i, s in enumerate(SHAPES * 2)]
+    serial = [_all_results(x, dy) for x, dy in inputs]
+    concurrent = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(3):
+            concurrent[i] = _all_results(*inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s, c in zip(serial, concurrent):
+        for a, b in zip(s, c):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_gil_is_released_during_a_kernel():
+    """Another Python thread makes progress while a long kernel runs."""
+    x = random_batch((64, 64, 64, 64), np.float32)  # 64 MiB
+    out = np.empty_like(x)
+    ticks = []
+    running = threading.Event()
+    done = threading.Event()
+
+    def ticker():
+        running.set()
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.0005)
+
+    with threadpool_limits(1, user_api="openmp"):
+        cybn.forward_train(x, out=out)  # warm up
+        t = threading.Thread(target=ticker)
+        t.start()
+        running.wait()
+        start = time.perf_counter()
+        for _ in range(3):
+            cybn.forward_train(x, out=out)
+            cybn.backward(x, x, np.zeros(64), np.ones(64), out=out)
+        end = time.perf_counter()
+        done.set()
+        t.join()
+    during = [tick for tick in ticks if start < tick < end]
+    # With the GIL held the ticker could run only between calls (a handful of ticks).
+    assert len(during) > 20, f"only {len(during)} ticks in {end - start:.3f} s"
