@@ -22,10 +22,15 @@ compile_args = [
     # No contraction of a*b+c into fma: results are then the same on every
     # machine and instruction set, not only for every thread count.
     "-ffp-contract=off",
+    # The 8-lane vector helpers in _loops.h are always inlined; GCC still
+    # warns that their ABI would differ between the target clones.
+    "-Wno-psabi",
 ]
 link_args = []
+macros = [("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")]
 if flag("CYBN_NATIVE"):
     compile_args.append("-march=native")
+    macros.append(("CYBN_NATIVE", "1"))  # no run-time dispatch: one native clone
 if not flag("CYBN_NO_OPENMP") and sys.platform != "win32":
     compile_args.append("-fopenmp")
     link_args.append("-fopenmp")
@@ -46,7 +51,7 @@ extensions = [
         "cybn._kernels",
         ["cybn/_kernels.pyx"],
         include_dirs=[np.get_include(), "cybn"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_2_0_API_VERSION")],
+        define_macros=macros,
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         depends=["cybn/_loops.h"],

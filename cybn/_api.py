@@ -31,6 +31,7 @@ _KERNELS = {
         "forward_train_planar", "forward_train_rows", "backward_planar", "backward_rows",
         "moments_planar", "moments_rows", "affine_planar", "affine_rows",
         "grad_sums_planar", "grad_sums_rows", "grad_input_planar", "grad_input_rows",
+        "update_running",
     )
 }
 
@@ -127,6 +128,8 @@ def _check_not_overlapping(out, others):
 
 
 def _real(value, name, low, high):
+    if type(value) is float and low <= value <= high:  # the common case, quickly
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -155,6 +158,8 @@ def _values_per_channel(x):
 def _kernel_view(a, layout):
     """a as the kernels' view for `layout`, sharing its memory; None if impossible."""
     n_channels = a.shape[1]
+    if layout == "planar" and a.flags.c_contiguous and a.flags.aligned:  # the common case
+        return a.reshape(a.shape[0], n_channels, -1)
     try:
         if layout == "planar":
             v = a.reshape(a.shape[0], n_channels, -1, copy=False)
@@ -276,11 +281,8 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, ou
     mean = np.empty(n_channels)
     var = np.empty(n_channels)
     invstd = np.empty(n_channels)
-    kernel = _KERNELS["forward_train_" + layout][x.dtype]
-    if layout == "planar":
-        kernel(x_view, y_view, weight, bias, eps, mean, var, invstd)
-    else:
-        kernel(x_view, y_view, weight, bias, eps, mean, var, invstd, np.empty(n_channels))
+    _KERNELS["forward_train_" + layout][x.dtype](x_view, y_view, weight, bias, eps,
+                                                  mean, var, invstd)
     finish()
     updated = (running_mean is not None
                and _update_running(running_mean, running_var, mean, var, count, momentum))
@@ -288,20 +290,16 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, ou
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
-    unbiased = var * (count / (count - 1))
+    if _KERNELS["update_running"][running_mean.dtype](running_mean, running_var, mean, var,
+                                                      count, momentum):
+        return True
     # A single batch with an Inf or NaN (or values whose variance overflows
     # the dtype) would otherwise poison the running statistics for good.
-    largest = np.finfo(running_mean.dtype).max
-    if not (np.all(np.abs(mean) <= largest) and np.all(unbiased <= largest)):
-        warnings.warn(
-            "cybn: the batch statistics are not finite (NaN or Inf in x, or a variance "
-            "beyond the dtype's range); running_mean and running_var were left unchanged",
-            RuntimeWarning, stacklevel=4)
-        return False
-    keep = 1.0 - momentum
-    running_mean[...] = keep * running_mean.astype(np.float64) + momentum * mean
-    running_var[...] = keep * running_var.astype(np.float64) + momentum * unbiased
-    return True
+    warnings.warn(
+        "cybn: the batch statistics are not finite (NaN or Inf in x, or a variance "
+        "beyond the dtype's range); running_mean and running_var were left unchanged",
+        RuntimeWarning, stacklevel=4)
+    return False
 
 
 def forward_eval(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5,
@@ -371,13 +369,8 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None):
     layout, (dy_view, x_view), dx_view, dx, finish = _plan([dy, x], out)
     sum_dy = np.empty(n_channels)
     sum_dy_xmu = np.empty(n_channels)
-    kernel = _KERNELS["backward_" + layout][x.dtype]
-    if layout == "planar":
-        kernel(dy_view, x_view, dx_view, mean, invstd, weight, training, sum_dy, sum_dy_xmu)
-    else:
-        scratch = np.empty((3, n_channels))
-        kernel(dy_view, x_view, dx_view, mean, invstd, weight, training, sum_dy, sum_dy_xmu,
-               scratch[0], scratch[1], scratch[2])
+    _KERNELS["backward_" + layout][x.dtype](dy_view, x_view, dx_view, mean, invstd, weight,
+                                            training, sum_dy, sum_dy_xmu)
     finish()
     return dx, (sum_dy_xmu * invstd).astype(x.dtype), sum_dy.astype(x.dtype)
 
