@@ -4,6 +4,8 @@ Environment switches (all optional):
   CYBN_NATIVE=1          compile for the build machine's CPU (-march=native)
   CYBN_BOUNDSCHECK=1     turn Cython's bounds and wraparound checks back on
   CYBN_NO_OPENMP=1       build without OpenMP (kernels then run serially)
+  CYBN_SANITIZE=1        build with AddressSanitizer and UndefinedBehaviorSanitizer
+                         (run Python with the ASan runtime in LD_PRELOAD; see README)
 """
 import os
 import sys
@@ -36,6 +38,12 @@ if not flag("CYBN_NO_OPENMP") and sys.platform != "win32":
     link_args.append("-fopenmp")
 elif sys.platform != "win32":
     compile_args.append("-fopenmp-simd")  # the `omp simd` hints still apply
+
+if flag("CYBN_SANITIZE"):
+    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                  "-fno-omit-frame-pointer"]
+    compile_args += sanitizers + ["-O1", "-g"]
+    link_args += sanitizers
 
 checks = flag("CYBN_BOUNDSCHECK")
 directives = {
