@@ -15,6 +15,7 @@ from . import _kernels
 __all__ = [
     "forward_train", "forward_eval", "backward",
     "batch_moments", "combine_moments", "normalize", "grad_sums", "grad_input",
+    "fold_batch_norm",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -93,7 +94,7 @@ def _vector(v, n_channels, name, default=None):
     return np.array(a, dtype=np.float64)
 
 
-def _check_running(running_mean, running_var, x):
+def _check_running(running_mean, running_var, x, n_channels):
     """The running statistics forward_train updates in place."""
     if (running_mean is None) != (running_var is None):
         given, missing = (("running_mean", "running_var") if running_var is None
@@ -101,7 +102,6 @@ def _check_running(running_mean, running_var, x):
         raise ValueError(f"{given} was given without {missing}: pass both or neither")
     if running_mean is None:
         return
-    n_channels = x.shape[1]
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
         if not isinstance(a, np.ndarray):
             raise TypeError(f"{name} must be a NumPy ndarray, got {type(a).__name__}")
@@ -119,12 +119,51 @@ def _check_running(running_mean, running_var, x):
         raise ValueError("running_mean and running_var must not share memory")
 
 
-def _check_not_overlapping(out, others):
+def _check_not_overlapping(out, others, name="out"):
     if out is None:
         return
-    for name, a in others:
+    for other, a in others:
         if a is not None and np.shares_memory(out, a):
-            raise ValueError(f"out must not share memory with {name}")
+            raise ValueError(f"{name} must not share memory with {other}")
+
+
+def _check_optional(a, name, x):
+    """An optional operand of x's dtype and shape (residual, y)."""
+    if a is not None:
+        _check_same(a, name, x)
+
+
+def _axis(axis, ndim):
+    """The channel axis as an index in [1, ndim)."""
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for x with {ndim} dimensions")
+    axis = int(axis) % ndim
+    if axis == 0:
+        raise ValueError("axis must be a channel axis, not 0 (the batch axis)")
+    return axis
+
+
+def _to_axis1(a, axis):
+    """A view with the channel axis moved to 1, where the kernels expect it."""
+    return a if a is None or axis == 1 else np.moveaxis(a, axis, 1)
+
+
+def _result(out, result, axis):
+    """What a function returns: `out` itself, or its new array in x's axis order."""
+    if out is not None:
+        return out
+    return result if axis == 1 else np.moveaxis(result, 1, axis)
+
+
+def _activation(activation):
+    """True for a fused ReLU."""
+    if activation is None:
+        return False
+    if isinstance(activation, str) and activation == "relu":
+        return True
+    raise ValueError(f"activation must be None or 'relu', got {activation!r}")
 
 
 def _real(value, name, low, high):
@@ -146,8 +185,8 @@ def _momentum(momentum):
     return _real(momentum, "momentum", 0.0, 1.0)
 
 
-def _values_per_channel(x):
-    return math.prod(x.shape) // x.shape[1] if x.shape[1] else 0
+def _values_per_channel(x, axis=1):
+    return math.prod(x.shape) // x.shape[axis] if x.shape[axis] else 0
 
 
 # ---------------------------------------------------------------------------
@@ -194,41 +233,53 @@ def _same_view(a, b):
             and a.strides == b.strides and a.shape == b.shape)
 
 
-def _plan(inputs, out):
+def _plan(inputs, outputs):
     """Views for one kernel call.
 
-    inputs: arrays of one shape, x first.  Returns (layout, input views, output
-    view, result, finish): the kernel writes the output view, then finish()
-    moves the values to `out` when the kernel could not write there directly
-    (a layout the kernels cannot read, or a partial overlap with an input).
+    inputs: arrays of one shape, x first; None for an absent optional input.
+    outputs: (target, allocate) pairs: the caller's array or None, and
+    whether to allocate one when it is None.  Returns (layout, input views,
+    output views, results, finish): the kernel writes the output views, then
+    finish() moves values to a target the kernel could not write directly (a
+    layout the kernels cannot read, or a partial overlap with an input).
     """
     x = inputs[0]
     for layout in _preferred_layouts(x):
-        views = [_kernel_view(a, layout) for a in inputs]
-        if all(v is not None for v in views):
+        views = [None if a is None else _kernel_view(a, layout) for a in inputs]
+        if all(v is not None for v, a in zip(views, inputs) if a is not None):
             break
     else:
-        inputs = [np.ascontiguousarray(a) for a in inputs]
+        inputs = [None if a is None else np.ascontiguousarray(a) for a in inputs]
         layout = _preferred_layouts(x)[0]
-        views = [_kernel_view(a, layout) for a in inputs]
+        views = [None if a is None else _kernel_view(a, layout) for a in inputs]
+    present = [v for v in views if v is not None]
 
-    if out is not None:
-        out_view = _kernel_view(out, layout)
-        # Element-wise kernels may write over an input read at the same
-        # index (out=x, out=dy), but not over any other part of it.
-        if out_view is not None and all(
-                not np.may_share_memory(out_view, v) or _same_view(out_view, v)
-                for v in views):
-            return layout, views, out_view, out, _nothing
-    result = _empty_like_layout(x, layout)
-    result_view = _kernel_view(result, layout)
-    if out is None:
-        return layout, views, result_view, result, _nothing
-    return layout, views, result_view, out, lambda: np.copyto(out, result)
+    out_views, results, copies = [], [], []
+    for target, allocate in outputs:
+        if target is not None:
+            view = _kernel_view(target, layout)
+            # Element-wise kernels may write over an input read at the same
+            # index (out=x, out=dy), but not over any other part of it.
+            if view is not None and all(not np.may_share_memory(view, v) or _same_view(view, v)
+                                        for v in present):
+                out_views.append(view)
+                results.append(target)
+                continue
+        elif not allocate:
+            out_views.append(None)
+            results.append(None)
+            continue
+        result = _empty_like_layout(x, layout)
+        out_views.append(_kernel_view(result, layout))
+        results.append(result if target is None else target)
+        if target is not None:
+            copies.append((target, result))
 
+    def finish():
+        for target, result in copies:
+            np.copyto(target, result)
 
-def _nothing():
-    pass
+    return layout, views, out_views, results, finish
 
 
 def _empty_result(x, out):
@@ -239,57 +290,69 @@ def _empty_result(x, out):
 # The public functions.
 
 def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None,
-                  *, momentum=0.1, eps=1e-5, out=None):
+                  *, momentum=0.1, eps=1e-5, out=None, axis=1, residual=None,
+                  activation=None):
     """Batch normalization in training mode.
 
-    Normalizes each channel of x (shape (N, C, *spatial)) with its batch mean
-    and biased variance, then scales by weight and shifts by bias (None: 1 and
-    0).  When running_mean and running_var are given they are updated in place
-    with `momentum` (the variance unbiased by m/(m-1), m = N*prod(spatial)),
-    unless the batch statistics are not finite: then they are left unchanged
-    and a RuntimeWarning is emitted.
+    Normalizes each channel of x (channels on `axis`, 1 by default: (N, C,
+    *spatial); -1 for channels-last (N, *spatial, C)) with its batch mean and
+    biased variance, then scales by weight and shifts by bias (None: 1 and 0).
+    When running_mean and running_var are given they are updated in place
+    with `momentum` (the variance unbiased by m/(m-1), m the values per
+    channel), unless the batch statistics are not finite: then they are left
+    unchanged and a RuntimeWarning is emitted.
+
+    Fusions, in the same pass over memory: `residual` (x's shape and dtype)
+    is added to the normalized values, then activation="relu" applies a ReLU:
+    y = relu(bn(x) + residual).
 
     Returns (y, mean, invstd): y has x's shape (written to `out` when given;
     out=x works), mean and invstd = 1/sqrt(var + eps) are (C,) arrays of x's
     dtype, the values `backward` needs.
     """
     y, mean, invstd, _ = _forward_train(x, weight, bias, running_mean, running_var,
-                                        momentum, eps, out)
-    return y, mean, invstd
+                                        momentum, eps, out, axis, residual, activation)
+    return y, mean.astype(x.dtype), invstd.astype(x.dtype)
 
 
-def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out):
-    """forward_train, also telling whether the running statistics were updated."""
+def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out,
+                   axis=1, residual=None, activation=None):
+    """forward_train with float64 statistics, also telling whether the running
+    statistics were updated."""
     _check_data(x, "x")
-    n_channels = x.shape[1]
+    axis = _axis(axis, x.ndim)
+    n_channels = x.shape[axis]
     weight = _vector(weight, n_channels, "weight", default=1.0)
     bias = _vector(bias, n_channels, "bias", default=0.0)
     momentum = _momentum(momentum)
     eps = _eps(eps)
-    _check_running(running_mean, running_var, x)
+    relu = _activation(activation)
+    _check_running(running_mean, running_var, x, n_channels)
+    _check_optional(residual, "residual", x)
     _check_out(out, x)
     _check_not_overlapping(out, (("running_mean", running_mean), ("running_var", running_var)))
-    count = _values_per_channel(x)
+    count = _values_per_channel(x, axis)
     if count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}")
-    if count == 0 or n_channels == 0:
-        undefined = np.full(n_channels, np.nan, x.dtype)  # statistics of no values
+    if count == 0:
+        undefined = np.full(n_channels, np.nan)  # statistics of no values
         return _empty_result(x, out), undefined, undefined.copy(), False
 
-    layout, (x_view,), y_view, y, finish = _plan([x], out)
+    layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
+        [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
     mean = np.empty(n_channels)
     var = np.empty(n_channels)
     invstd = np.empty(n_channels)
-    _KERNELS["forward_train_" + layout][x.dtype](x_view, y_view, weight, bias, eps,
-                                                  mean, var, invstd)
+    _KERNELS["forward_train_" + layout][x.dtype](x_view, y_view, weight, bias, eps, mean, var,
+                                                  invstd, residual_view, relu)
     finish()
     updated = (running_mean is not None
                and _update_running(running_mean, running_var, mean, var, count, momentum))
-    return y, mean.astype(x.dtype), invstd.astype(x.dtype), updated
+    return _result(out, y, axis), mean, invstd, updated
 
 
-def _update_running(running_mean, running_var, mean, var, count, momentum):
+def _update_running(running_mean, running_var, mean, var, count, momentum, stacklevel=4):
     if _KERNELS["update_running"][running_mean.dtype](running_mean, running_var, mean, var,
                                                       count, momentum):
         return True
@@ -298,50 +361,76 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
     warnings.warn(
         "cybn: the batch statistics are not finite (NaN or Inf in x, or a variance "
         "beyond the dtype's range); running_mean and running_var were left unchanged",
-        RuntimeWarning, stacklevel=4)
+        RuntimeWarning, stacklevel=stacklevel)
     return False
 
 
 def forward_eval(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5,
-                 out=None):
+                 out=None, axis=1, residual=None, activation=None):
     """Batch normalization in evaluation mode: y = (x - running_mean) /
-    sqrt(running_var + eps) * weight + bias, per channel.  Returns y."""
+    sqrt(running_var + eps) * weight + bias per channel, then `residual`
+    added and activation="relu" applied when given.  Returns y."""
     _check_data(x, "x")
-    n_channels = x.shape[1]
+    axis = _axis(axis, x.ndim)
+    n_channels = x.shape[axis]
     mean = _vector(running_mean, n_channels, "running_mean")
     var = _vector(running_var, n_channels, "running_var")
     weight = _vector(weight, n_channels, "weight", default=1.0)
     bias = _vector(bias, n_channels, "bias", default=0.0)
     eps = _eps(eps)
+    relu = _activation(activation)
+    _check_optional(residual, "residual", x)
     _check_out(out, x)
     with np.errstate(divide="ignore", invalid="ignore"):  # IEEE results, as in the kernels
         scale = weight / np.sqrt(var + eps)
-    return _affine(x, mean, scale, bias, out)
+    return _affine(x, mean, scale, bias, out, axis, residual, relu)
 
 
-def normalize(x, mean, invstd, weight=None, bias=None, *, out=None):
+def normalize(x, mean, invstd, weight=None, bias=None, *, out=None, axis=1, residual=None,
+              activation=None):
     """y = (x - mean) * invstd * weight + bias with given per-channel statistics
-    (for instance statistics combined across processes).  Returns y."""
+    (for instance statistics combined across processes), then `residual` and
+    activation="relu" as in forward_train.  Returns y."""
     _check_data(x, "x")
-    n_channels = x.shape[1]
+    axis = _axis(axis, x.ndim)
+    n_channels = x.shape[axis]
     mean = _vector(mean, n_channels, "mean")
     invstd = _vector(invstd, n_channels, "invstd")
     weight = _vector(weight, n_channels, "weight", default=1.0)
     bias = _vector(bias, n_channels, "bias", default=0.0)
+    relu = _activation(activation)
+    _check_optional(residual, "residual", x)
     _check_out(out, x)
-    return _affine(x, mean, weight * invstd, bias, out)
+    return _affine(x, mean, weight * invstd, bias, out, axis, residual, relu)
 
 
-def _affine(x, mean, scale, shift, out):
+def _affine(x, mean, scale, shift, out, axis, residual, relu):
     if x.size == 0:
         return _empty_result(x, out)
-    layout, (x_view,), y_view, y, finish = _plan([x], out)
-    _KERNELS["affine_" + layout][x.dtype](x_view, y_view, mean, scale, shift)
+    layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
+        [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
+    _KERNELS["affine_" + layout][x.dtype](x_view, y_view, mean, scale, shift, residual_view,
+                                          relu)
     finish()
-    return y
+    return _result(out, y, axis)
 
 
-def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None):
+def _check_backward_options(dy, x, activation, y, out, grad_residual):
+    """The checks backward and grad_input share; returns True for a fused ReLU."""
+    relu = _activation(activation)
+    if relu and y is None:
+        raise TypeError("y, the forward's output, is required with activation='relu'")
+    if y is not None and not relu:
+        raise ValueError("y is only used with activation='relu'")
+    _check_optional(y, "y", x)
+    _check_out(out, x)
+    _check_out(grad_residual, x, "grad_residual")
+    _check_not_overlapping(grad_residual, (("out", out), ("x", x), ("y", y)), "grad_residual")
+    return relu
+
+
+def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=1,
+             activation=None, y=None, grad_residual=None):
     """Gradients of batch normalization.
 
     dy is the gradient of the loss with respect to y, x the forward's input,
@@ -350,29 +439,75 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None):
     training=True, dx includes the path through the batch statistics; with
     training=False they are constants.
 
+    After a forward with activation="relu", pass activation="relu" and the
+    forward's output y: dy then counts only where y > 0.  The gradient of a
+    residual is that masked dy (dy itself without activation); it is written
+    to `grad_residual` when given.
+
     Returns (dx, dweight, dbias); dx is written to `out` when given (out=dy
     works); dweight and dbias are (C,) arrays of x's dtype.
     """
     _check_data(x, "x")
     _check_same(dy, "dy", x)
-    n_channels = x.shape[1]
+    axis = _axis(axis, x.ndim)
+    n_channels = x.shape[axis]
     mean = _vector(mean, n_channels, "mean")
     invstd = _vector(invstd, n_channels, "invstd")
     weight = _vector(weight, n_channels, "weight", default=1.0)
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be True or False, got {training!r}")
-    _check_out(out, x)
+    relu = _check_backward_options(dy, x, activation, y, out, grad_residual)
+    if grad_residual is not None and not relu:
+        np.copyto(grad_residual, dy)  # before out=dy may overwrite it
     if x.size == 0:
         zeros = np.zeros(n_channels, x.dtype)
         return _empty_result(x, out), zeros, zeros.copy()
 
-    layout, (dy_view, x_view), dx_view, dx, finish = _plan([dy, x], out)
+    layout, (dy_view, x_view, y_view), (dx_view, g_view), (dx, _), finish = _plan(
+        [_to_axis1(a, axis) for a in (dy, x, y if relu else None)],
+        [(_to_axis1(out, axis), True), (_to_axis1(grad_residual if relu else None, axis), False)])
     sum_dy = np.empty(n_channels)
     sum_dy_xmu = np.empty(n_channels)
     _KERNELS["backward_" + layout][x.dtype](dy_view, x_view, dx_view, mean, invstd, weight,
-                                            training, sum_dy, sum_dy_xmu)
+                                            training, sum_dy, sum_dy_xmu, y_view, g_view)
     finish()
-    return dx, (sum_dy_xmu * invstd).astype(x.dtype), sum_dy.astype(x.dtype)
+    return (_result(out, dx, axis), (sum_dy_xmu * invstd).astype(x.dtype),
+            sum_dy.astype(x.dtype))
+
+
+def fold_batch_norm(weight, bias, bn):
+    """Fold an evaluation-mode BatchNorm into the layer before it.
+
+    weight: the previous layer's weight with output channels first, such as
+    a convolution's (C_out, C_in, kH, kW) or a linear layer's (C_out, C_in)
+    (y = x @ weight.T + bias); bias: its (C_out,) bias, or None.  bn: a
+    cybn.BatchNorm with running statistics.  Returns (weight', bias') such
+    that the previous layer with them computes bn(previous(x)) in evaluation
+    mode; new arrays of weight's dtype (float64 for a bias-less integer
+    weight), computed in float64.
+    """
+    from .layer import BatchNorm  # the layer module imports this one
+
+    if not isinstance(bn, BatchNorm):
+        raise TypeError(f"bn must be a cybn.BatchNorm, got {type(bn).__name__}")
+    if bn.running_mean is None:
+        raise ValueError("bn must track running statistics (track_running_stats=True): "
+                         "batch statistics cannot be folded into weights")
+    w = np.asarray(weight)
+    if w.dtype.kind not in "fiu":
+        raise TypeError(f"weight must hold real numbers, got dtype {w.dtype}")
+    if w.ndim < 2 or w.shape[0] != bn.num_features:
+        raise ValueError(f"weight must have shape ({bn.num_features}, ...) with the output "
+                         f"channels first, got {w.shape}")
+    n_channels = bn.num_features
+    b = _vector(bias, n_channels, "bias", default=0.0)
+    gamma = _vector(bn.weight, n_channels, "bn.weight", default=1.0)
+    beta = _vector(bn.bias, n_channels, "bn.bias", default=0.0)
+    scale = gamma / np.sqrt(bn.running_var.astype(np.float64) + bn.eps)
+    dtype = w.dtype if w.dtype.kind == "f" else np.dtype(np.float64)
+    folded_weight = (w.astype(np.float64) * scale.reshape((-1,) + (1,) * (w.ndim - 1)))
+    folded_bias = (b - bn.running_mean.astype(np.float64)) * scale + beta
+    return folded_weight.astype(dtype), folded_bias.astype(dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -380,19 +515,20 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None):
 # statistics and gradient sums can be combined across processes in between
 # (see cybn.SyncBatchNorm).  Statistics and sums are float64.
 
-def batch_moments(x):
+def batch_moments(x, *, axis=1):
     """Per-channel (count, mean, m2) of x, m2 = sum((x - mean)^2), in float64.
 
     count is the number of values per channel (N * prod(spatial)); with no
     values, mean and m2 are zeros, which combine_moments ignores.
     """
     _check_data(x, "x")
-    n_channels = x.shape[1]
-    count = _values_per_channel(x)
+    axis = _axis(axis, x.ndim)
+    n_channels = x.shape[axis]
+    count = _values_per_channel(x, axis)
     mean = np.zeros(n_channels)
     m2 = np.zeros(n_channels)
-    if count and n_channels:
-        layout, (x_view,), *_ = _plan([x], None)
+    if count:
+        layout, (x_view,), *_ = _plan([_to_axis1(x, axis)], [])
         _KERNELS["moments_" + layout][x.dtype](x_view, mean, m2)
     return count, mean, m2
 
@@ -403,7 +539,8 @@ def combine_moments(counts, means, m2s):
     counts: (P,) values per channel of each part; means, m2s: (P, C).  Parts
     are merged left to right with Chan et al.'s pairwise update, so the result
     depends only on the order of the parts; parts with count 0 are skipped.
-    Returns (count, mean, m2).
+    Non-finite parts give non-finite results, silently.  Returns (count,
+    mean, m2).
     """
     counts = np.asarray(counts)
     if counts.ndim != 1 or counts.dtype.kind not in "iu":
@@ -420,41 +557,50 @@ def combine_moments(counts, means, m2s):
     total = 0
     mean = np.zeros(means.shape[1])
     m2 = np.zeros(means.shape[1])
-    for n_b, mean_b, m2_b in zip(counts.tolist(), means, m2s):
-        if n_b == 0:
-            continue
-        n = total + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / n)
-        m2 = m2 + m2_b + delta * delta * (total * n_b / n)
-        total = n
+    with np.errstate(invalid="ignore", over="ignore"):
+        for n_b, mean_b, m2_b in zip(counts.tolist(), means, m2s):
+            if n_b == 0:
+                continue
+            n = total + n_b
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / n)
+            m2 = m2 + m2_b + delta * delta * (total * n_b / n)
+            total = n
     return total, mean, m2
 
 
-def grad_sums(dy, x, mean):
-    """Per-channel (sum(dy), sum(dy * (x - mean))) in float64: the reductions
-    of backward, to be summed across processes before grad_input."""
+def grad_sums(dy, x, mean, *, axis=1, activation=None, y=None):
+    """Per-channel (sum(g), sum(g * (x - mean))) in float64, g = dy (masked
+    by y > 0 with activation="relu"): the reductions of backward, to be summed
+    across processes before grad_input."""
     _check_data(x, "x")
     _check_same(dy, "dy", x)
-    n_channels = x.shape[1]
+    axis = _axis(axis, x.ndim)
+    n_channels = x.shape[axis]
     mean = _vector(mean, n_channels, "mean")
+    relu = _check_backward_options(dy, x, activation, y, None, None)
     sum_dy = np.zeros(n_channels)
     sum_dy_xmu = np.zeros(n_channels)
     if x.size:
-        layout, (dy_view, x_view), *_ = _plan([dy, x], None)
-        _KERNELS["grad_sums_" + layout][x.dtype](dy_view, x_view, mean, sum_dy, sum_dy_xmu)
+        layout, (dy_view, x_view, y_view), *_ = _plan(
+            [_to_axis1(a, axis) for a in (dy, x, y if relu else None)], [])
+        _KERNELS["grad_sums_" + layout][x.dtype](dy_view, x_view, mean, sum_dy, sum_dy_xmu,
+                                                 y_view)
     return sum_dy, sum_dy_xmu
 
 
 def grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *,
-               training=True, out=None):
+               training=True, out=None, axis=1, activation=None, y=None,
+               grad_residual=None):
     """dx from (possibly globally summed) grad_sums over `count` values per
-    channel: dx = weight*invstd*(dy - sum_dy/count - (x - mean)*invstd^2*sum_dy_xmu/count)
-    in training, weight*invstd*dy otherwise.  dweight = sum_dy_xmu*invstd and
-    dbias = sum_dy.  Returns dx."""
+    channel: dx = weight*invstd*(g - sum_dy/count - (x - mean)*invstd^2*sum_dy_xmu/count)
+    in training, weight*invstd*g otherwise, g = dy (masked by y > 0 with
+    activation="relu", and then written to grad_residual when given).
+    dweight = sum_dy_xmu*invstd and dbias = sum_dy.  Returns dx."""
     _check_data(x, "x")
     _check_same(dy, "dy", x)
-    n_channels = x.shape[1]
+    axis = _axis(axis, x.ndim)
+    n_channels = x.shape[axis]
     mean = _vector(mean, n_channels, "mean")
     invstd = _vector(invstd, n_channels, "invstd")
     sum_dy = _vector(sum_dy, n_channels, "sum_dy")
@@ -462,9 +608,11 @@ def grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *,
     weight = _vector(weight, n_channels, "weight", default=1.0)
     if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
         raise TypeError(f"count must be an integer, got {type(count).__name__}")
-    if training and count < 1:
+    if training and count < 1 and x.size:
         raise ValueError(f"count must be at least 1 in training, got {count}")
-    _check_out(out, x)
+    relu = _check_backward_options(dy, x, activation, y, out, grad_residual)
+    if grad_residual is not None and not relu:
+        np.copyto(grad_residual, dy)
     if x.size == 0:
         return _empty_result(x, out)
     if training:
@@ -473,8 +621,10 @@ def grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *,
     else:
         dy_shift = np.zeros(n_channels)
         x_coef = np.zeros(n_channels)
-    layout, (dy_view, x_view), dx_view, dx, finish = _plan([dy, x], out)
+    layout, (dy_view, x_view, y_view), (dx_view, g_view), (dx, _), finish = _plan(
+        [_to_axis1(a, axis) for a in (dy, x, y if relu else None)],
+        [(_to_axis1(out, axis), True), (_to_axis1(grad_residual if relu else None, axis), False)])
     _KERNELS["grad_input_" + layout][x.dtype](dy_view, x_view, dx_view, mean, dy_shift,
-                                               x_coef, weight * invstd)
+                                               x_coef, weight * invstd, y_view, g_view)
     finish()
-    return dx
+    return _result(out, dx, axis)

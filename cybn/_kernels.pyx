@@ -34,28 +34,30 @@ cdef extern from "_loops.h" nogil:
         const double *x, Py_ssize_t batch_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
         Py_ssize_t end, double shift, double *sum, double *sumsq)
     void planar_grad_sums_f32 "cybn_planar_grad_sums_f32"(
-        const float *dy, Py_ssize_t dy_stride, const float *x, Py_ssize_t x_stride,
-        Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end, double mean,
-        double *sum_dy, double *sum_dy_xmu)
+        const float *dy, Py_ssize_t dy_stride, const float *y, Py_ssize_t y_stride,
+        const float *x, Py_ssize_t x_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
+        Py_ssize_t end, double mean, double *sum_dy, double *sum_dy_xmu)
     void planar_grad_sums_f64 "cybn_planar_grad_sums_f64"(
-        const double *dy, Py_ssize_t dy_stride, const double *x, Py_ssize_t x_stride,
-        Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end, double mean,
-        double *sum_dy, double *sum_dy_xmu)
+        const double *dy, Py_ssize_t dy_stride, const double *y, Py_ssize_t y_stride,
+        const double *x, Py_ssize_t x_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
+        Py_ssize_t end, double mean, double *sum_dy, double *sum_dy_xmu)
     void planar_affine_f32 "cybn_planar_affine_f32"(
-        const float *x, Py_ssize_t x_stride, float *y, Py_ssize_t y_stride,
-        Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end, double mean,
-        double scale, double shift)
+        const float *x, Py_ssize_t x_stride, const float *res, Py_ssize_t res_stride,
+        float *y, Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
+        Py_ssize_t end, double mean, double scale, double shift, int relu)
     void planar_affine_f64 "cybn_planar_affine_f64"(
-        const double *x, Py_ssize_t x_stride, double *y, Py_ssize_t y_stride,
-        Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end, double mean,
-        double scale, double shift)
+        const double *x, Py_ssize_t x_stride, const double *res, Py_ssize_t res_stride,
+        double *y, Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
+        Py_ssize_t end, double mean, double scale, double shift, int relu)
     void planar_grad_input_f32 "cybn_planar_grad_input_f32"(
-        const float *dy, Py_ssize_t dy_stride, const float *x, Py_ssize_t x_stride,
-        float *dx, Py_ssize_t dx_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
+        const float *dy, Py_ssize_t dy_stride, const float *y, Py_ssize_t y_stride,
+        const float *x, Py_ssize_t x_stride, float *dx, Py_ssize_t dx_stride,
+        float *g_out, Py_ssize_t g_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
         Py_ssize_t end, double mean, double dy_shift, double x_coef, double scale)
     void planar_grad_input_f64 "cybn_planar_grad_input_f64"(
-        const double *dy, Py_ssize_t dy_stride, const double *x, Py_ssize_t x_stride,
-        double *dx, Py_ssize_t dx_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
+        const double *dy, Py_ssize_t dy_stride, const double *y, Py_ssize_t y_stride,
+        const double *x, Py_ssize_t x_stride, double *dx, Py_ssize_t dx_stride,
+        double *g_out, Py_ssize_t g_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
         Py_ssize_t end, double mean, double dy_shift, double x_coef, double scale)
     void rows_sums_f32 "cybn_rows_sums_f32"(
         const float *x, Py_ssize_t row_stride, Py_ssize_t n_channels, Py_ssize_t begin,
@@ -64,29 +66,33 @@ cdef extern from "_loops.h" nogil:
         const double *x, Py_ssize_t row_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *shift, double *sum, double *sumsq)
     void rows_grad_sums_f32 "cybn_rows_grad_sums_f32"(
-        const float *dy, Py_ssize_t dy_stride, const float *x, Py_ssize_t x_stride,
-        Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end, const double *mean,
-        double *sum_dy, double *sum_dy_xmu)
+        const float *dy, Py_ssize_t dy_stride, const float *y, Py_ssize_t y_stride,
+        const float *x, Py_ssize_t x_stride, Py_ssize_t n_channels, Py_ssize_t begin,
+        Py_ssize_t end, const double *mean, double *sum_dy, double *sum_dy_xmu)
     void rows_grad_sums_f64 "cybn_rows_grad_sums_f64"(
-        const double *dy, Py_ssize_t dy_stride, const double *x, Py_ssize_t x_stride,
-        Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end, const double *mean,
-        double *sum_dy, double *sum_dy_xmu)
+        const double *dy, Py_ssize_t dy_stride, const double *y, Py_ssize_t y_stride,
+        const double *x, Py_ssize_t x_stride, Py_ssize_t n_channels, Py_ssize_t begin,
+        Py_ssize_t end, const double *mean, double *sum_dy, double *sum_dy_xmu)
     void rows_affine_f32 "cybn_rows_affine_f32"(
-        const float *x, Py_ssize_t x_stride, float *y, Py_ssize_t y_stride,
-        Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end, const double *mean,
-        const double *scale, const double *shift)
+        const float *x, Py_ssize_t x_stride, const float *res, Py_ssize_t res_stride,
+        float *y, Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin,
+        Py_ssize_t end, const double *mean, const double *scale, const double *shift,
+        int relu)
     void rows_affine_f64 "cybn_rows_affine_f64"(
-        const double *x, Py_ssize_t x_stride, double *y, Py_ssize_t y_stride,
-        Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end, const double *mean,
-        const double *scale, const double *shift)
+        const double *x, Py_ssize_t x_stride, const double *res, Py_ssize_t res_stride,
+        double *y, Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin,
+        Py_ssize_t end, const double *mean, const double *scale, const double *shift,
+        int relu)
     void rows_grad_input_f32 "cybn_rows_grad_input_f32"(
-        const float *dy, Py_ssize_t dy_stride, const float *x, Py_ssize_t x_stride,
-        float *dx, Py_ssize_t dx_stride, Py_ssize_t n_channels, Py_ssize_t begin,
+        const float *dy, Py_ssize_t dy_stride, const float *y, Py_ssize_t y_stride,
+        const float *x, Py_ssize_t x_stride, float *dx, Py_ssize_t dx_stride,
+        float *g_out, Py_ssize_t g_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *mean, const double *dy_shift, const double *x_coef,
         const double *scale)
     void rows_grad_input_f64 "cybn_rows_grad_input_f64"(
-        const double *dy, Py_ssize_t dy_stride, const double *x, Py_ssize_t x_stride,
-        double *dx, Py_ssize_t dx_stride, Py_ssize_t n_channels, Py_ssize_t begin,
+        const double *dy, Py_ssize_t dy_stride, const double *y, Py_ssize_t y_stride,
+        const double *x, Py_ssize_t x_stride, double *dx, Py_ssize_t dx_stride,
+        double *g_out, Py_ssize_t g_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *mean, const double *dy_shift, const double *x_coef,
         const double *scale)
 
@@ -101,6 +107,19 @@ cdef Py_ssize_t PART_MIN = 1 << 14
 # each range keeps 2 x C partial sums.
 cdef Py_ssize_t ROWS_TASKS = 32
 cdef Py_ssize_t ROWS_MIN = 16
+
+
+ctypedef struct Planar:
+    # One operand in the planar layout; strides in elements.  data is NULL
+    # for an optional operand that is absent (residual, ReLU output, ...).
+    char *data
+    Py_ssize_t batch_stride
+    Py_ssize_t channel_stride
+
+
+ctypedef struct Rows:
+    char *data
+    Py_ssize_t row_stride
 
 
 def max_threads():
@@ -140,99 +159,147 @@ cdef double *scratch(Py_ssize_t n_doubles) except NULL:
     return p
 
 
+cdef Planar planar(const floating[:, :, :] a):
+    cdef Planar view
+    view.data = NULL
+    view.batch_stride = view.channel_stride = 0
+    if a is not None:
+        view.data = <char *>&a[0, 0, 0]
+        view.batch_stride = a.strides[0] // sizeof(floating)
+        view.channel_stride = a.strides[1] // sizeof(floating)
+    return view
+
+
+cdef Rows rows(const floating[:, :] a):
+    cdef Rows view
+    view.data = NULL
+    view.row_stride = 0
+    if a is not None:
+        view.data = <char *>&a[0, 0]
+        view.row_stride = a.strides[0] // sizeof(floating)
+    return view
+
+
+cdef inline floating *channel(Planar v, Py_ssize_t c, floating *like) noexcept nogil:
+    """Channel c's first value, or NULL for an absent operand (`like` only
+    selects the element type)."""
+    if v.data == NULL:
+        return NULL
+    return <floating *>v.data + c * v.channel_stride
+
+
 # ---------------------------------------------------------------------------
-# Typed dispatch to the C loops.
+# Typed dispatch to the C loops.  `like` is a null pointer of the element
+# type: it picks the float or double instance.
 
-cdef inline void planar_sums(const floating *x, Py_ssize_t batch_stride,
-                             Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,
-                             double shift, double *s, double *q) noexcept nogil:
+cdef inline void planar_sums(Planar x, Py_ssize_t c, Py_ssize_t n_spatial,
+                             Py_ssize_t begin, Py_ssize_t end, double shift, double *s,
+                             double *q, floating *like) noexcept nogil:
     if floating is float:
-        planar_sums_f32(x, batch_stride, n_spatial, begin, end, shift, s, q)
+        planar_sums_f32(channel(x, c, like), x.batch_stride, n_spatial, begin, end, shift, s, q)
     else:
-        planar_sums_f64(x, batch_stride, n_spatial, begin, end, shift, s, q)
+        planar_sums_f64(channel(x, c, like), x.batch_stride, n_spatial, begin, end, shift, s, q)
 
 
-cdef inline void planar_grad_sums(const floating *dy, Py_ssize_t dy_stride,
-                                  const floating *x, Py_ssize_t x_stride,
+cdef inline void planar_grad_sums(Planar dy, Planar y, Planar x, Py_ssize_t c,
                                   Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,
-                                  double mean, double *sum_dy,
-                                  double *sum_dy_xmu) noexcept nogil:
+                                  double mean, double *sum_dy, double *sum_dy_xmu,
+                                  floating *like) noexcept nogil:
     if floating is float:
-        planar_grad_sums_f32(dy, dy_stride, x, x_stride, n_spatial, begin, end, mean,
-                             sum_dy, sum_dy_xmu)
+        planar_grad_sums_f32(channel(dy, c, like), dy.batch_stride, channel(y, c, like),
+                             y.batch_stride, channel(x, c, like), x.batch_stride, n_spatial,
+                             begin, end, mean, sum_dy, sum_dy_xmu)
     else:
-        planar_grad_sums_f64(dy, dy_stride, x, x_stride, n_spatial, begin, end, mean,
-                             sum_dy, sum_dy_xmu)
+        planar_grad_sums_f64(channel(dy, c, like), dy.batch_stride, channel(y, c, like),
+                             y.batch_stride, channel(x, c, like), x.batch_stride, n_spatial,
+                             begin, end, mean, sum_dy, sum_dy_xmu)
 
 
-cdef inline void planar_affine(const floating *x, Py_ssize_t x_stride, floating *y,
-                               Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
-                               Py_ssize_t end, double mean, double scale,
-                               double shift) noexcept nogil:
+cdef inline void planar_affine(Planar x, Planar res, Planar y, Py_ssize_t c,
+                               Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,
+                               double mean, double scale, double shift, int relu,
+                               floating *like) noexcept nogil:
     if floating is float:
-        planar_affine_f32(x, x_stride, y, y_stride, n_spatial, begin, end, mean, scale, shift)
+        planar_affine_f32(channel(x, c, like), x.batch_stride, channel(res, c, like),
+                          res.batch_stride, channel(y, c, like), y.batch_stride, n_spatial,
+                          begin, end, mean, scale, shift, relu)
     else:
-        planar_affine_f64(x, x_stride, y, y_stride, n_spatial, begin, end, mean, scale, shift)
+        planar_affine_f64(channel(x, c, like), x.batch_stride, channel(res, c, like),
+                          res.batch_stride, channel(y, c, like), y.batch_stride, n_spatial,
+                          begin, end, mean, scale, shift, relu)
 
 
-cdef inline void planar_grad_input(const floating *dy, Py_ssize_t dy_stride,
-                                   const floating *x, Py_ssize_t x_stride, floating *dx,
-                                   Py_ssize_t dx_stride, Py_ssize_t n_spatial,
-                                   Py_ssize_t begin, Py_ssize_t end, double mean,
-                                   double dy_shift, double x_coef,
-                                   double scale) noexcept nogil:
+cdef inline void planar_grad_input(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
+                                   Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t begin,
+                                   Py_ssize_t end, double mean, double dy_shift,
+                                   double x_coef, double scale,
+                                   floating *like) noexcept nogil:
     if floating is float:
-        planar_grad_input_f32(dy, dy_stride, x, x_stride, dx, dx_stride, n_spatial,
-                              begin, end, mean, dy_shift, x_coef, scale)
+        planar_grad_input_f32(channel(dy, c, like), dy.batch_stride, channel(y, c, like),
+                              y.batch_stride, channel(x, c, like), x.batch_stride,
+                              channel(dx, c, like), dx.batch_stride, channel(g_out, c, like),
+                              g_out.batch_stride, n_spatial, begin, end, mean, dy_shift,
+                              x_coef, scale)
     else:
-        planar_grad_input_f64(dy, dy_stride, x, x_stride, dx, dx_stride, n_spatial,
-                              begin, end, mean, dy_shift, x_coef, scale)
+        planar_grad_input_f64(channel(dy, c, like), dy.batch_stride, channel(y, c, like),
+                              y.batch_stride, channel(x, c, like), x.batch_stride,
+                              channel(dx, c, like), dx.batch_stride, channel(g_out, c, like),
+                              g_out.batch_stride, n_spatial, begin, end, mean, dy_shift,
+                              x_coef, scale)
 
 
-cdef inline void rows_sums(const floating *x, Py_ssize_t row_stride, Py_ssize_t n_channels,
-                           Py_ssize_t begin, Py_ssize_t end, const double *shift,
-                           double *s, double *q) noexcept nogil:
+cdef inline void rows_sums(Rows x, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,
+                           const double *shift, double *s, double *q,
+                           floating *like) noexcept nogil:
     if floating is float:
-        rows_sums_f32(x, row_stride, n_channels, begin, end, shift, s, q)
+        rows_sums_f32(<float *>x.data, x.row_stride, n_channels, begin, end, shift, s, q)
     else:
-        rows_sums_f64(x, row_stride, n_channels, begin, end, shift, s, q)
+        rows_sums_f64(<double *>x.data, x.row_stride, n_channels, begin, end, shift, s, q)
 
 
-cdef inline void rows_grad_sums(const floating *dy, Py_ssize_t dy_stride,
-                                const floating *x, Py_ssize_t x_stride,
-                                Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,
-                                const double *mean, double *sum_dy,
-                                double *sum_dy_xmu) noexcept nogil:
+cdef inline void rows_grad_sums(Rows dy, Rows y, Rows x, Py_ssize_t n_channels,
+                                Py_ssize_t begin, Py_ssize_t end, const double *mean,
+                                double *sum_dy, double *sum_dy_xmu,
+                                floating *like) noexcept nogil:
     if floating is float:
-        rows_grad_sums_f32(dy, dy_stride, x, x_stride, n_channels, begin, end, mean,
+        rows_grad_sums_f32(<float *>dy.data, dy.row_stride, <float *>y.data, y.row_stride,
+                           <float *>x.data, x.row_stride, n_channels, begin, end, mean,
                            sum_dy, sum_dy_xmu)
     else:
-        rows_grad_sums_f64(dy, dy_stride, x, x_stride, n_channels, begin, end, mean,
+        rows_grad_sums_f64(<double *>dy.data, dy.row_stride, <double *>y.data, y.row_stride,
+                           <double *>x.data, x.row_stride, n_channels, begin, end, mean,
                            sum_dy, sum_dy_xmu)
 
 
-cdef inline void rows_affine(const floating *x, Py_ssize_t x_stride, floating *y,
-                             Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin,
-                             Py_ssize_t end, const double *mean, const double *scale,
-                             const double *shift) noexcept nogil:
+cdef inline void rows_affine(Rows x, Rows res, Rows y, Py_ssize_t n_channels,
+                             Py_ssize_t begin, Py_ssize_t end, const double *mean,
+                             const double *scale, const double *shift, int relu,
+                             floating *like) noexcept nogil:
     if floating is float:
-        rows_affine_f32(x, x_stride, y, y_stride, n_channels, begin, end, mean, scale, shift)
+        rows_affine_f32(<float *>x.data, x.row_stride, <float *>res.data, res.row_stride,
+                        <float *>y.data, y.row_stride, n_channels, begin, end, mean, scale,
+                        shift, relu)
     else:
-        rows_affine_f64(x, x_stride, y, y_stride, n_channels, begin, end, mean, scale, shift)
+        rows_affine_f64(<double *>x.data, x.row_stride, <double *>res.data, res.row_stride,
+                        <double *>y.data, y.row_stride, n_channels, begin, end, mean, scale,
+                        shift, relu)
 
 
-cdef inline void rows_grad_input(const floating *dy, Py_ssize_t dy_stride,
-                                 const floating *x, Py_ssize_t x_stride, floating *dx,
-                                 Py_ssize_t dx_stride, Py_ssize_t n_channels,
-                                 Py_ssize_t begin, Py_ssize_t end, const double *mean,
-                                 const double *dy_shift, const double *x_coef,
-                                 const double *scale) noexcept nogil:
+cdef inline void rows_grad_input(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
+                                 Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,
+                                 const double *mean, const double *dy_shift,
+                                 const double *x_coef, const double *scale,
+                                 floating *like) noexcept nogil:
     if floating is float:
-        rows_grad_input_f32(dy, dy_stride, x, x_stride, dx, dx_stride, n_channels, begin,
-                            end, mean, dy_shift, x_coef, scale)
+        rows_grad_input_f32(<float *>dy.data, dy.row_stride, <float *>y.data, y.row_stride,
+                            <float *>x.data, x.row_stride, <float *>dx.data, dx.row_stride,
+                            <float *>g_out.data, g_out.row_stride, n_channels, begin, end,
+                            mean, dy_shift, x_coef, scale)
     else:
-        rows_grad_input_f64(dy, dy_stride, x, x_stride, dx, dx_stride, n_channels, begin,
-                            end, mean, dy_shift, x_coef, scale)
+        rows_grad_input_f64(<double *>dy.data, dy.row_stride, <double *>y.data, y.row_stride,
+                            <double *>x.data, x.row_stride, <double *>dx.data, dx.row_stride,
+                            <double *>g_out.data, g_out.row_stride, n_channels, begin, end,
+                            mean, dy_shift, x_coef, scale)
 
 
 # ---------------------------------------------------------------------------
@@ -244,40 +311,38 @@ cdef inline void rows_grad_input(const floating *dy, Py_ssize_t dy_stride,
 # 2^-24.  float64 data gets a second pass about the mean (the corrected
 # two-pass algorithm), to keep float64's own precision.
 
-cdef void channel_moments(const floating *x, Py_ssize_t batch_stride,
-                          Py_ssize_t n_spatial, Py_ssize_t count, double *mean,
-                          double *m2) noexcept nogil:
+cdef void channel_moments(Planar x, Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
+                          double *mean, double *m2, floating *like) noexcept nogil:
     """mean and M2 of one planar channel, in one task."""
-    cdef double s = 0.0, q = 0.0
-    planar_sums(x, batch_stride, n_spatial, 0, count, x[0], &s, &q)
-    mean[0] = x[0] + s / count
+    cdef double s = 0.0, q = 0.0, shift = channel(x, c, like)[0]
+    planar_sums(x, c, n_spatial, 0, count, shift, &s, &q, like)
+    mean[0] = shift + s / count
     if floating is double:
         s = 0.0
         q = 0.0
-        planar_sums(x, batch_stride, n_spatial, 0, count, mean[0], &s, &q)
+        planar_sums(x, c, n_spatial, 0, count, mean[0], &s, &q, like)
     m2[0] = centered_m2(s, q, count)
 
 
-cdef void planar_moments(const floating *x, Py_ssize_t batch_stride,
-                         Py_ssize_t channel_stride, Py_ssize_t n_channels,
-                         Py_ssize_t n_spatial, Py_ssize_t count, Py_ssize_t n_parts,
-                         double *partial, double *mean, double *m2,
-                         int n_threads) noexcept nogil:
+cdef void planar_moments(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+                         Py_ssize_t count, Py_ssize_t n_parts, double *partial,
+                         double *mean, double *m2, int n_threads,
+                         floating *like) noexcept nogil:
     """mean and M2 of every planar channel, n_parts tasks per channel;
     partial holds 2 * n_channels * n_parts doubles."""
     cdef Py_ssize_t task, c, p, n_passes = 2 if floating is double else 1, pass_
     cdef double s, q
     for c in range(n_channels):
-        mean[c] = x[c * channel_stride]  # the first pass's shift
+        mean[c] = channel(x, c, like)[0]  # the first pass's shift
     for pass_ in range(n_passes):
         for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
             c = task // n_parts
             p = task % n_parts
             partial[2 * task] = 0.0
             partial[2 * task + 1] = 0.0
-            planar_sums(x + c * channel_stride, batch_stride, n_spatial,
-                        part_start(p, n_parts, count), part_start(p + 1, n_parts, count),
-                        mean[c], &partial[2 * task], &partial[2 * task + 1])
+            planar_sums(x, c, n_spatial, part_start(p, n_parts, count),
+                        part_start(p + 1, n_parts, count), mean[c], &partial[2 * task],
+                        &partial[2 * task + 1], like)
         for c in range(n_channels):
             s = 0.0
             q = 0.0
@@ -289,23 +354,23 @@ cdef void planar_moments(const floating *x, Py_ssize_t batch_stride,
             m2[c] = centered_m2(s, q, count)
 
 
-cdef void rows_moments(const floating *x, Py_ssize_t row_stride, Py_ssize_t n_rows,
-                       Py_ssize_t n_channels, Py_ssize_t n_parts, double *partial,
-                       double *mean, double *m2, int n_threads) noexcept nogil:
+cdef void rows_moments(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels, Py_ssize_t n_parts,
+                       double *partial, double *mean, double *m2, int n_threads,
+                       floating *like) noexcept nogil:
     """mean and M2 of every channel of rows data in n_parts row ranges;
     partial holds 2 * n_parts * n_channels doubles."""
     cdef Py_ssize_t p, c, n_passes = 2 if floating is double else 1, pass_
     cdef double *sums
     cdef double s, q
     for c in range(n_channels):
-        mean[c] = x[c]  # the first pass's shift
+        mean[c] = (<floating *>x.data)[c]  # the first pass's shift
     for pass_ in range(n_passes):
         for p in prange(n_parts, schedule='static', num_threads=n_threads):
             sums = partial + 2 * p * n_channels
             for c in range(2 * n_channels):
                 sums[c] = 0.0
-            rows_sums(x, row_stride, n_channels, part_start(p, n_parts, n_rows),
-                      part_start(p + 1, n_parts, n_rows), mean, sums, sums + n_channels)
+            rows_sums(x, n_channels, part_start(p, n_parts, n_rows),
+                      part_start(p + 1, n_parts, n_rows), mean, sums, sums + n_channels, like)
         for c in range(n_channels):
             s = 0.0
             q = 0.0
@@ -317,6 +382,53 @@ cdef void rows_moments(const floating *x, Py_ssize_t row_stride, Py_ssize_t n_ro
             m2[c] = centered_m2(s, q, n_rows)
 
 
+cdef void planar_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_channels,
+                               Py_ssize_t n_spatial, Py_ssize_t count, Py_ssize_t n_parts,
+                               const double *mean, double *partial, double *sum_dy,
+                               double *sum_dy_xmu, int n_threads,
+                               floating *like) noexcept nogil:
+    """Gradient sums of every planar channel in n_parts tasks per channel;
+    partial holds 2 * n_channels * n_parts doubles."""
+    cdef Py_ssize_t task, c, p
+    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
+        c = task // n_parts
+        p = task % n_parts
+        partial[2 * task] = 0.0
+        partial[2 * task + 1] = 0.0
+        planar_grad_sums(dy, y, x, c, n_spatial, part_start(p, n_parts, count),
+                         part_start(p + 1, n_parts, count), mean[c], &partial[2 * task],
+                         &partial[2 * task + 1], like)
+    for c in range(n_channels):
+        sum_dy[c] = 0.0
+        sum_dy_xmu[c] = 0.0
+        for p in range(n_parts):
+            sum_dy[c] = sum_dy[c] + partial[2 * (c * n_parts + p)]
+            sum_dy_xmu[c] = sum_dy_xmu[c] + partial[2 * (c * n_parts + p) + 1]
+
+
+cdef void rows_grad_sums_all(Rows dy, Rows y, Rows x, Py_ssize_t n_rows,
+                             Py_ssize_t n_channels, Py_ssize_t n_parts, const double *mean,
+                             double *partial, double *sum_dy, double *sum_dy_xmu,
+                             int n_threads, floating *like) noexcept nogil:
+    """Gradient sums of rows data in n_parts row ranges; partial holds
+    2 * n_parts * n_channels doubles."""
+    cdef Py_ssize_t p, c
+    cdef double *sums
+    for p in prange(n_parts, schedule='static', num_threads=n_threads):
+        sums = partial + 2 * p * n_channels
+        for c in range(2 * n_channels):
+            sums[c] = 0.0
+        rows_grad_sums(dy, y, x, n_channels, part_start(p, n_parts, n_rows),
+                       part_start(p + 1, n_parts, n_rows), mean, sums, sums + n_channels,
+                       like)
+    for c in range(n_channels):
+        sum_dy[c] = 0.0
+        sum_dy_xmu[c] = 0.0
+        for p in range(n_parts):
+            sum_dy[c] = sum_dy[c] + partial[2 * p * n_channels + c]
+            sum_dy_xmu[c] = sum_dy_xmu[c] + partial[(2 * p + 1) * n_channels + c]
+
+
 cdef inline void training_grad_coefficients(double sum_dy, double sum_dy_xmu,
                                             double invstd, double count,
                                             double *dy_shift, double *x_coef) noexcept nogil:
@@ -324,207 +436,6 @@ cdef inline void training_grad_coefficients(double sum_dy, double sum_dy_xmu,
           = w*invstd*((dy - dy_shift) - (x - mean)*x_coef)."""
     dy_shift[0] = sum_dy / count
     x_coef[0] = invstd * invstd * sum_dy_xmu / count
-
-
-# ---------------------------------------------------------------------------
-# Element-wise passes over all tasks.
-
-cdef void planar_affine_all(const floating *x, Py_ssize_t x_bs, Py_ssize_t x_cs,
-                            floating *y, Py_ssize_t y_bs, Py_ssize_t y_cs,
-                            Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t count,
-                            Py_ssize_t n_parts, const double *mean, const double *scale,
-                            const double *shift, int n_threads) noexcept nogil:
-    cdef Py_ssize_t task, c, p
-    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
-        c = task // n_parts
-        p = task % n_parts
-        planar_affine(x + c * x_cs, x_bs, y + c * y_cs, y_bs, n_spatial,
-                      part_start(p, n_parts, count), part_start(p + 1, n_parts, count),
-                      mean[c], scale[c], shift[c])
-
-
-cdef void planar_grad_input_all(const floating *dy, Py_ssize_t dy_bs, Py_ssize_t dy_cs,
-                                const floating *x, Py_ssize_t x_bs, Py_ssize_t x_cs,
-                                floating *dx, Py_ssize_t dx_bs, Py_ssize_t dx_cs,
-                                Py_ssize_t n_channels, Py_ssize_t n_spatial,
-                                Py_ssize_t count, Py_ssize_t n_parts, const double *mean,
-                                const double *dy_shift, const double *x_coef,
-                                const double *scale, int n_threads) noexcept nogil:
-    cdef Py_ssize_t task, c, p
-    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
-        c = task // n_parts
-        p = task % n_parts
-        planar_grad_input(dy + c * dy_cs, dy_bs, x + c * x_cs, x_bs, dx + c * dx_cs, dx_bs,
-                          n_spatial, part_start(p, n_parts, count),
-                          part_start(p + 1, n_parts, count), mean[c], dy_shift[c],
-                          x_coef[c], scale[c])
-
-
-cdef void rows_affine_all(const floating *x, Py_ssize_t x_stride, floating *y,
-                          Py_ssize_t y_stride, Py_ssize_t n_rows, Py_ssize_t n_channels,
-                          const double *mean, const double *scale, const double *shift,
-                          int n_threads) noexcept nogil:
-    cdef Py_ssize_t p, n_parts = rows_parts(n_rows)
-    for p in prange(n_parts, schedule='static', num_threads=n_threads):
-        rows_affine(x, x_stride, y, y_stride, n_channels, part_start(p, n_parts, n_rows),
-                    part_start(p + 1, n_parts, n_rows), mean, scale, shift)
-
-
-cdef void rows_grad_input_all(const floating *dy, Py_ssize_t dy_stride, const floating *x,
-                              Py_ssize_t x_stride, floating *dx, Py_ssize_t dx_stride,
-                              Py_ssize_t n_rows, Py_ssize_t n_channels, const double *mean,
-                              const double *dy_shift, const double *x_coef,
-                              const double *scale, int n_threads) noexcept nogil:
-    cdef Py_ssize_t p, n_parts = rows_parts(n_rows)
-    for p in prange(n_parts, schedule='static', num_threads=n_threads):
-        rows_grad_input(dy, dy_stride, x, x_stride, dx, dx_stride, n_channels,
-                        part_start(p, n_parts, n_rows), part_start(p + 1, n_parts, n_rows),
-                        mean, dy_shift, x_coef, scale)
-
-
-# ---------------------------------------------------------------------------
-# The kernels cybn._api calls.  Stride arguments are in elements.
-
-def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] y,
-                         const double[::1] weight, const double[::1] bias, double eps,
-                         double[::1] mean, double[::1] var, double[::1] invstd):
-    """y = (x - mean)*invstd*weight + bias with the batch statistics, which are
-    written to mean, var (biased) and invstd."""
-    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = x.shape[0] * n_spatial
-    cdef Py_ssize_t x_bs = x.strides[0] // sizeof(floating)
-    cdef Py_ssize_t x_cs = x.strides[1] // sizeof(floating)
-    cdef Py_ssize_t y_bs = y.strides[0] // sizeof(floating)
-    cdef Py_ssize_t y_cs = y.strides[1] // sizeof(floating)
-    cdef Py_ssize_t n_parts = planar_parts(n_channels, count), c
-    cdef int n_threads = threads_for(count * n_channels)
-    cdef double *work = NULL
-    if n_parts > 1:
-        work = scratch(n_channels * (2 * n_parts + 1))
-    try:
-        with nogil:
-            if n_parts == 1:
-                # one task per channel: statistics, then y while x is in cache
-                for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    channel_moments(&x[0, c, 0], x_bs, n_spatial, count, &mean[c], &var[c])
-                    var[c] = var[c] / count
-                    invstd[c] = 1.0 / sqrt(var[c] + eps)
-                    planar_affine(&x[0, c, 0], x_bs, &y[0, c, 0], y_bs, n_spatial, 0, count,
-                                  mean[c], weight[c] * invstd[c], bias[c])
-            else:
-                planar_moments(&x[0, 0, 0], x_bs, x_cs, n_channels, n_spatial, count,
-                               n_parts, work, &mean[0], &var[0], n_threads)
-                for c in range(n_channels):
-                    var[c] = var[c] / count
-                    invstd[c] = 1.0 / sqrt(var[c] + eps)
-                    work[c] = weight[c] * invstd[c]
-                planar_affine_all(&x[0, 0, 0], x_bs, x_cs, &y[0, 0, 0], y_bs, y_cs,
-                                  n_channels, n_spatial, count, n_parts, &mean[0], work,
-                                  &bias[0], n_threads)
-    finally:
-        free(work)
-
-
-def forward_train_rows(const floating[:, :] x, floating[:, :] y,
-                       const double[::1] weight, const double[::1] bias, double eps,
-                       double[::1] mean, double[::1] var, double[::1] invstd):
-    """forward_train_planar for the rows layout."""
-    cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
-    cdef Py_ssize_t x_stride = x.strides[0] // sizeof(floating)
-    cdef Py_ssize_t y_stride = y.strides[0] // sizeof(floating)
-    cdef Py_ssize_t n_parts = rows_parts(n_rows), c
-    cdef int n_threads = threads_for(n_rows * n_channels)
-    cdef double *work = scratch(n_channels * (2 * n_parts + 1))
-    try:
-        with nogil:
-            rows_moments(&x[0, 0], x_stride, n_rows, n_channels, n_parts, work,
-                         &mean[0], &var[0], n_threads)
-            for c in range(n_channels):
-                var[c] = var[c] / n_rows
-                invstd[c] = 1.0 / sqrt(var[c] + eps)
-                work[c] = weight[c] * invstd[c]
-            rows_affine_all(&x[0, 0], x_stride, &y[0, 0], y_stride, n_rows, n_channels,
-                            &mean[0], work, &bias[0], n_threads)
-    finally:
-        free(work)
-
-
-def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
-                    floating[:, :, :] dx, const double[::1] mean,
-                    const double[::1] invstd, const double[::1] weight, bint training,
-                    double[::1] sum_dy, double[::1] sum_dy_xmu):
-    """dx, and the sums behind dbias = sum_dy and dweight = sum_dy_xmu*invstd."""
-    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = x.shape[0] * n_spatial
-    cdef Py_ssize_t dy_bs = dy.strides[0] // sizeof(floating)
-    cdef Py_ssize_t dy_cs = dy.strides[1] // sizeof(floating)
-    cdef Py_ssize_t x_bs = x.strides[0] // sizeof(floating)
-    cdef Py_ssize_t x_cs = x.strides[1] // sizeof(floating)
-    cdef Py_ssize_t dx_bs = dx.strides[0] // sizeof(floating)
-    cdef Py_ssize_t dx_cs = dx.strides[1] // sizeof(floating)
-    cdef Py_ssize_t n_parts = planar_parts(n_channels, count), c
-    cdef int n_threads = threads_for(count * n_channels)
-    cdef double dy_shift, x_coef
-    cdef double *work = NULL
-    if n_parts > 1:
-        work = scratch(n_channels * (2 * n_parts + 3))
-    try:
-        with nogil:
-            if n_parts == 1:
-                # one task per channel: sums, then dx while x and dy are in cache
-                for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    sum_dy[c] = 0.0
-                    sum_dy_xmu[c] = 0.0
-                    planar_grad_sums(&dy[0, c, 0], dy_bs, &x[0, c, 0], x_bs, n_spatial, 0,
-                                     count, mean[c], &sum_dy[c], &sum_dy_xmu[c])
-                    dy_shift = 0.0
-                    x_coef = 0.0
-                    if training:
-                        training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c],
-                                                   count, &dy_shift, &x_coef)
-                    planar_grad_input(&dy[0, c, 0], dy_bs, &x[0, c, 0], x_bs, &dx[0, c, 0],
-                                      dx_bs, n_spatial, 0, count, mean[c], dy_shift,
-                                      x_coef, weight[c] * invstd[c])
-            else:
-                planar_grad_sums_all(&dy[0, 0, 0], dy_bs, dy_cs, &x[0, 0, 0], x_bs, x_cs,
-                                     n_channels, n_spatial, count, n_parts, &mean[0], work,
-                                     &sum_dy[0], &sum_dy_xmu[0], n_threads)
-                grad_coefficients(n_channels, count, training, &sum_dy[0], &sum_dy_xmu[0],
-                                  &invstd[0], &weight[0], work, work + n_channels,
-                                  work + 2 * n_channels)
-                planar_grad_input_all(&dy[0, 0, 0], dy_bs, dy_cs, &x[0, 0, 0], x_bs, x_cs,
-                                      &dx[0, 0, 0], dx_bs, dx_cs, n_channels, n_spatial,
-                                      count, n_parts, &mean[0], work, work + n_channels,
-                                      work + 2 * n_channels, n_threads)
-    finally:
-        free(work)
-
-
-def backward_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :] dx,
-                  const double[::1] mean, const double[::1] invstd,
-                  const double[::1] weight, bint training, double[::1] sum_dy,
-                  double[::1] sum_dy_xmu):
-    """backward_planar for the rows layout."""
-    cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
-    cdef Py_ssize_t dy_stride = dy.strides[0] // sizeof(floating)
-    cdef Py_ssize_t x_stride = x.strides[0] // sizeof(floating)
-    cdef Py_ssize_t dx_stride = dx.strides[0] // sizeof(floating)
-    cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef int n_threads = threads_for(n_rows * n_channels)
-    cdef double *work = scratch(n_channels * (2 * n_parts + 3))
-    try:
-        with nogil:
-            rows_grad_sums_all(&dy[0, 0], dy_stride, &x[0, 0], x_stride, n_rows, n_channels,
-                               n_parts, &mean[0], work, &sum_dy[0], &sum_dy_xmu[0],
-                               n_threads)
-            grad_coefficients(n_channels, n_rows, training, &sum_dy[0], &sum_dy_xmu[0],
-                              &invstd[0], &weight[0], work, work + n_channels,
-                              work + 2 * n_channels)
-            rows_grad_input_all(&dy[0, 0], dy_stride, &x[0, 0], x_stride, &dx[0, 0],
-                                dx_stride, n_rows, n_channels, &mean[0], work,
-                                work + n_channels, work + 2 * n_channels, n_threads)
-    finally:
-        free(work)
 
 
 cdef void grad_coefficients(Py_ssize_t n_channels, Py_ssize_t count, bint training,
@@ -541,53 +452,200 @@ cdef void grad_coefficients(Py_ssize_t n_channels, Py_ssize_t count, bint traini
         scale[c] = weight[c] * invstd[c]
 
 
-cdef void planar_grad_sums_all(const floating *dy, Py_ssize_t dy_bs, Py_ssize_t dy_cs,
-                               const floating *x, Py_ssize_t x_bs, Py_ssize_t x_cs,
-                               Py_ssize_t n_channels, Py_ssize_t n_spatial,
-                               Py_ssize_t count, Py_ssize_t n_parts, const double *mean,
-                               double *partial, double *sum_dy, double *sum_dy_xmu,
-                               int n_threads) noexcept nogil:
-    """Gradient sums of every planar channel in n_parts tasks per channel;
-    partial holds 2 * n_channels * n_parts doubles."""
+# ---------------------------------------------------------------------------
+# Element-wise passes over all tasks.
+
+cdef void planar_affine_all(Planar x, Planar res, Planar y, Py_ssize_t n_channels,
+                            Py_ssize_t n_spatial, Py_ssize_t count, Py_ssize_t n_parts,
+                            const double *mean, const double *scale, const double *shift,
+                            int relu, int n_threads, floating *like) noexcept nogil:
     cdef Py_ssize_t task, c, p
     for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
         c = task // n_parts
         p = task % n_parts
-        partial[2 * task] = 0.0
-        partial[2 * task + 1] = 0.0
-        planar_grad_sums(dy + c * dy_cs, dy_bs, x + c * x_cs, x_bs, n_spatial,
-                         part_start(p, n_parts, count), part_start(p + 1, n_parts, count),
-                         mean[c], &partial[2 * task], &partial[2 * task + 1])
-    for c in range(n_channels):
-        sum_dy[c] = 0.0
-        sum_dy_xmu[c] = 0.0
-        for p in range(n_parts):
-            sum_dy[c] = sum_dy[c] + partial[2 * (c * n_parts + p)]
-            sum_dy_xmu[c] = sum_dy_xmu[c] + partial[2 * (c * n_parts + p) + 1]
+        planar_affine(x, res, y, c, n_spatial, part_start(p, n_parts, count),
+                      part_start(p + 1, n_parts, count), mean[c], scale[c], shift[c], relu,
+                      like)
 
 
-cdef void rows_grad_sums_all(const floating *dy, Py_ssize_t dy_stride, const floating *x,
-                             Py_ssize_t x_stride, Py_ssize_t n_rows, Py_ssize_t n_channels,
-                             Py_ssize_t n_parts, const double *mean, double *partial,
-                             double *sum_dy, double *sum_dy_xmu,
-                             int n_threads) noexcept nogil:
-    """Gradient sums of rows data in n_parts row ranges; partial holds
-    2 * n_parts * n_channels doubles."""
-    cdef Py_ssize_t p, c
-    cdef double *sums
+cdef void planar_grad_input_all(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
+                                Py_ssize_t n_channels, Py_ssize_t n_spatial,
+                                Py_ssize_t count, Py_ssize_t n_parts, const double *mean,
+                                const double *dy_shift, const double *x_coef,
+                                const double *scale, int n_threads,
+                                floating *like) noexcept nogil:
+    cdef Py_ssize_t task, c, p
+    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
+        c = task // n_parts
+        p = task % n_parts
+        planar_grad_input(dy, y, x, dx, g_out, c, n_spatial, part_start(p, n_parts, count),
+                          part_start(p + 1, n_parts, count), mean[c], dy_shift[c],
+                          x_coef[c], scale[c], like)
+
+
+cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
+                          Py_ssize_t n_channels, const double *mean, const double *scale,
+                          const double *shift, int relu, int n_threads,
+                          floating *like) noexcept nogil:
+    cdef Py_ssize_t p, n_parts = rows_parts(n_rows)
     for p in prange(n_parts, schedule='static', num_threads=n_threads):
-        sums = partial + 2 * p * n_channels
-        for c in range(2 * n_channels):
-            sums[c] = 0.0
-        rows_grad_sums(dy, dy_stride, x, x_stride, n_channels,
-                       part_start(p, n_parts, n_rows), part_start(p + 1, n_parts, n_rows),
-                       mean, sums, sums + n_channels)
-    for c in range(n_channels):
-        sum_dy[c] = 0.0
-        sum_dy_xmu[c] = 0.0
-        for p in range(n_parts):
-            sum_dy[c] = sum_dy[c] + partial[2 * p * n_channels + c]
-            sum_dy_xmu[c] = sum_dy_xmu[c] + partial[(2 * p + 1) * n_channels + c]
+        rows_affine(x, res, y, n_channels, part_start(p, n_parts, n_rows),
+                    part_start(p + 1, n_parts, n_rows), mean, scale, shift, relu, like)
+
+
+cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
+                              Py_ssize_t n_rows, Py_ssize_t n_channels, const double *mean,
+                              const double *dy_shift, const double *x_coef,
+                              const double *scale, int n_threads,
+                              floating *like) noexcept nogil:
+    cdef Py_ssize_t p, n_parts = rows_parts(n_rows)
+    for p in prange(n_parts, schedule='static', num_threads=n_threads):
+        rows_grad_input(dy, y, x, dx, g_out, n_channels, part_start(p, n_parts, n_rows),
+                        part_start(p + 1, n_parts, n_rows), mean, dy_shift, x_coef, scale,
+                        like)
+
+
+# ---------------------------------------------------------------------------
+# The kernels cybn._api calls.  Optional operands (residual, the forward's
+# output y for the ReLU's backward, grad_residual) may be None.
+
+def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
+                         const double[::1] weight, const double[::1] bias, double eps,
+                         double[::1] mean, double[::1] var, double[::1] invstd,
+                         const floating[:, :, :] residual=None, bint relu=False):
+    """out = act((x - mean)*invstd*weight + bias [+ residual]) with the batch
+    statistics, which are written to mean, var (biased) and invstd."""
+    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
+    cdef Py_ssize_t count = x.shape[0] * n_spatial
+    cdef Planar xv = planar(x), rv = planar(residual), yv = planar(out)
+    cdef Py_ssize_t n_parts = planar_parts(n_channels, count), c
+    cdef int n_threads = threads_for(count * n_channels)
+    cdef floating *like = NULL
+    cdef double *work = NULL
+    if n_parts > 1:
+        work = scratch(n_channels * (2 * n_parts + 1))
+    try:
+        with nogil:
+            if n_parts == 1:
+                # one task per channel: statistics, then y while x is in cache
+                for c in prange(n_channels, schedule='static', num_threads=n_threads):
+                    channel_moments(xv, c, n_spatial, count, &mean[c], &var[c], like)
+                    var[c] = var[c] / count
+                    invstd[c] = 1.0 / sqrt(var[c] + eps)
+                    planar_affine(xv, rv, yv, c, n_spatial, 0, count, mean[c],
+                                  weight[c] * invstd[c], bias[c], relu, like)
+            else:
+                planar_moments(xv, n_channels, n_spatial, count, n_parts, work, &mean[0],
+                               &var[0], n_threads, like)
+                for c in range(n_channels):
+                    var[c] = var[c] / count
+                    invstd[c] = 1.0 / sqrt(var[c] + eps)
+                    work[c] = weight[c] * invstd[c]
+                planar_affine_all(xv, rv, yv, n_channels, n_spatial, count, n_parts,
+                                  &mean[0], work, &bias[0], relu, n_threads, like)
+    finally:
+        free(work)
+
+
+def forward_train_rows(const floating[:, :] x, floating[:, :] out,
+                       const double[::1] weight, const double[::1] bias, double eps,
+                       double[::1] mean, double[::1] var, double[::1] invstd,
+                       const floating[:, :] residual=None, bint relu=False):
+    """forward_train_planar for the rows layout."""
+    cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
+    cdef Rows xv = rows(x), rv = rows(residual), yv = rows(out)
+    cdef Py_ssize_t n_parts = rows_parts(n_rows), c
+    cdef int n_threads = threads_for(n_rows * n_channels)
+    cdef floating *like = NULL
+    cdef double *work = scratch(n_channels * (2 * n_parts + 1))
+    try:
+        with nogil:
+            rows_moments(xv, n_rows, n_channels, n_parts, work, &mean[0], &var[0],
+                         n_threads, like)
+            for c in range(n_channels):
+                var[c] = var[c] / n_rows
+                invstd[c] = 1.0 / sqrt(var[c] + eps)
+                work[c] = weight[c] * invstd[c]
+            rows_affine_all(xv, rv, yv, n_rows, n_channels, &mean[0], work, &bias[0], relu,
+                            n_threads, like)
+    finally:
+        free(work)
+
+
+def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
+                    floating[:, :, :] dx, const double[::1] mean,
+                    const double[::1] invstd, const double[::1] weight, bint training,
+                    double[::1] sum_dy, double[::1] sum_dy_xmu,
+                    const floating[:, :, :] relu_output=None,
+                    floating[:, :, :] grad_residual=None):
+    """dx, and the sums behind dbias = sum_dy and dweight = sum_dy_xmu*invstd.
+    With relu_output (the forward's y), dy counts only where y > 0, and that
+    masked dy is also written to grad_residual when given."""
+    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
+    cdef Py_ssize_t count = x.shape[0] * n_spatial
+    cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
+    cdef Planar dxv = planar(dx), gv = planar(grad_residual)
+    cdef Py_ssize_t n_parts = planar_parts(n_channels, count), c
+    cdef int n_threads = threads_for(count * n_channels)
+    cdef double dy_shift, x_coef
+    cdef floating *like = NULL
+    cdef double *work = NULL
+    if n_parts > 1:
+        work = scratch(n_channels * (2 * n_parts + 3))
+    try:
+        with nogil:
+            if n_parts == 1:
+                # one task per channel: sums, then dx while x and dy are in cache
+                for c in prange(n_channels, schedule='static', num_threads=n_threads):
+                    sum_dy[c] = 0.0
+                    sum_dy_xmu[c] = 0.0
+                    planar_grad_sums(dyv, yv, xv, c, n_spatial, 0, count, mean[c],
+                                     &sum_dy[c], &sum_dy_xmu[c], like)
+                    dy_shift = 0.0
+                    x_coef = 0.0
+                    if training:
+                        training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c],
+                                                   count, &dy_shift, &x_coef)
+                    planar_grad_input(dyv, yv, xv, dxv, gv, c, n_spatial, 0, count, mean[c],
+                                      dy_shift, x_coef, weight[c] * invstd[c], like)
+            else:
+                planar_grad_sums_all(dyv, yv, xv, n_channels, n_spatial, count, n_parts,
+                                     &mean[0], work, &sum_dy[0], &sum_dy_xmu[0], n_threads,
+                                     like)
+                grad_coefficients(n_channels, count, training, &sum_dy[0], &sum_dy_xmu[0],
+                                  &invstd[0], &weight[0], work, work + n_channels,
+                                  work + 2 * n_channels)
+                planar_grad_input_all(dyv, yv, xv, dxv, gv, n_channels, n_spatial, count,
+                                      n_parts, &mean[0], work, work + n_channels,
+                                      work + 2 * n_channels, n_threads, like)
+    finally:
+        free(work)
+
+
+def backward_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :] dx,
+                  const double[::1] mean, const double[::1] invstd,
+                  const double[::1] weight, bint training, double[::1] sum_dy,
+                  double[::1] sum_dy_xmu, const floating[:, :] relu_output=None,
+                  floating[:, :] grad_residual=None):
+    """backward_planar for the rows layout."""
+    cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
+    cdef Rows dyv = rows(dy), yv = rows(relu_output), xv = rows(x)
+    cdef Rows dxv = rows(dx), gv = rows(grad_residual)
+    cdef Py_ssize_t n_parts = rows_parts(n_rows)
+    cdef int n_threads = threads_for(n_rows * n_channels)
+    cdef floating *like = NULL
+    cdef double *work = scratch(n_channels * (2 * n_parts + 3))
+    try:
+        with nogil:
+            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, &mean[0], work,
+                               &sum_dy[0], &sum_dy_xmu[0], n_threads, like)
+            grad_coefficients(n_channels, n_rows, training, &sum_dy[0], &sum_dy_xmu[0],
+                              &invstd[0], &weight[0], work, work + n_channels,
+                              work + 2 * n_channels)
+            rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, &mean[0], work,
+                                work + n_channels, work + 2 * n_channels, n_threads, like)
+    finally:
+        free(work)
 
 
 def update_running(floating[::1] running_mean, floating[::1] running_var,
@@ -618,12 +676,13 @@ def moments_planar(const floating[:, :, :] x, double[::1] mean, double[::1] m2):
     cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
     cdef Py_ssize_t count = x.shape[0] * n_spatial
     cdef Py_ssize_t n_parts = planar_parts(n_channels, count)
+    cdef Planar xv = planar(x)
+    cdef floating *like = NULL
     cdef double *work = scratch(2 * n_channels * n_parts)
     try:
         with nogil:
-            planar_moments(&x[0, 0, 0], x.strides[0] // sizeof(floating),
-                           x.strides[1] // sizeof(floating), n_channels, n_spatial, count,
-                           n_parts, work, &mean[0], &m2[0], threads_for(count * n_channels))
+            planar_moments(xv, n_channels, n_spatial, count, n_parts, work, &mean[0],
+                           &m2[0], threads_for(count * n_channels), like)
     finally:
         free(work)
 
@@ -631,65 +690,72 @@ def moments_planar(const floating[:, :, :] x, double[::1] mean, double[::1] m2):
 def moments_rows(const floating[:, :] x, double[::1] mean, double[::1] m2):
     cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
+    cdef Rows xv = rows(x)
+    cdef floating *like = NULL
     cdef double *work = scratch(2 * n_channels * n_parts)
     try:
         with nogil:
-            rows_moments(&x[0, 0], x.strides[0] // sizeof(floating), n_rows, n_channels,
-                         n_parts, work, &mean[0], &m2[0], threads_for(n_rows * n_channels))
+            rows_moments(xv, n_rows, n_channels, n_parts, work, &mean[0], &m2[0],
+                         threads_for(n_rows * n_channels), like)
     finally:
         free(work)
 
 
-def affine_planar(const floating[:, :, :] x, floating[:, :, :] y,
-                  const double[::1] mean, const double[::1] scale, const double[::1] shift):
-    """y = (x - mean)*scale + shift, per channel."""
+def affine_planar(const floating[:, :, :] x, floating[:, :, :] out,
+                  const double[::1] mean, const double[::1] scale, const double[::1] shift,
+                  const floating[:, :, :] residual=None, bint relu=False):
+    """out = act((x - mean)*scale + shift [+ residual]), per channel."""
     cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
     cdef Py_ssize_t count = x.shape[0] * n_spatial
+    cdef Planar xv = planar(x), rv = planar(residual), yv = planar(out)
+    cdef floating *like = NULL
     with nogil:
-        planar_affine_all(&x[0, 0, 0], x.strides[0] // sizeof(floating),
-                          x.strides[1] // sizeof(floating), &y[0, 0, 0],
-                          y.strides[0] // sizeof(floating), y.strides[1] // sizeof(floating),
-                          n_channels, n_spatial, count, planar_parts(n_channels, count),
-                          &mean[0], &scale[0], &shift[0], threads_for(count * n_channels))
+        planar_affine_all(xv, rv, yv, n_channels, n_spatial, count,
+                          planar_parts(n_channels, count), &mean[0], &scale[0], &shift[0],
+                          relu, threads_for(count * n_channels), like)
 
 
-def affine_rows(const floating[:, :] x, floating[:, :] y,
-                const double[::1] mean, const double[::1] scale, const double[::1] shift):
+def affine_rows(const floating[:, :] x, floating[:, :] out, const double[::1] mean,
+                const double[::1] scale, const double[::1] shift,
+                const floating[:, :] residual=None, bint relu=False):
+    cdef Rows xv = rows(x), rv = rows(residual), yv = rows(out)
+    cdef floating *like = NULL
     with nogil:
-        rows_affine_all(&x[0, 0], x.strides[0] // sizeof(floating), &y[0, 0],
-                        y.strides[0] // sizeof(floating), x.shape[0], x.shape[1], &mean[0],
-                        &scale[0], &shift[0], threads_for(x.shape[0] * x.shape[1]))
+        rows_affine_all(xv, rv, yv, x.shape[0], x.shape[1], &mean[0], &scale[0], &shift[0],
+                        relu, threads_for(x.shape[0] * x.shape[1]), like)
 
 
 def grad_sums_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
-                     const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu):
+                     const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu,
+                     const floating[:, :, :] relu_output=None):
     cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
     cdef Py_ssize_t count = x.shape[0] * n_spatial
     cdef Py_ssize_t n_parts = planar_parts(n_channels, count)
+    cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
+    cdef floating *like = NULL
     cdef double *work = scratch(2 * n_channels * n_parts)
     try:
         with nogil:
-            planar_grad_sums_all(&dy[0, 0, 0], dy.strides[0] // sizeof(floating),
-                                 dy.strides[1] // sizeof(floating), &x[0, 0, 0],
-                                 x.strides[0] // sizeof(floating),
-                                 x.strides[1] // sizeof(floating), n_channels, n_spatial,
-                                 count, n_parts, &mean[0], work, &sum_dy[0], &sum_dy_xmu[0],
-                                 threads_for(count * n_channels))
+            planar_grad_sums_all(dyv, yv, xv, n_channels, n_spatial, count, n_parts,
+                                 &mean[0], work, &sum_dy[0], &sum_dy_xmu[0],
+                                 threads_for(count * n_channels), like)
     finally:
         free(work)
 
 
-def grad_sums_rows(const floating[:, :] dy, const floating[:, :] x,
-                   const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu):
+def grad_sums_rows(const floating[:, :] dy, const floating[:, :] x, const double[::1] mean,
+                   double[::1] sum_dy, double[::1] sum_dy_xmu,
+                   const floating[:, :] relu_output=None):
     cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
+    cdef Rows dyv = rows(dy), yv = rows(relu_output), xv = rows(x)
+    cdef floating *like = NULL
     cdef double *work = scratch(2 * n_channels * n_parts)
     try:
         with nogil:
-            rows_grad_sums_all(&dy[0, 0], dy.strides[0] // sizeof(floating), &x[0, 0],
-                               x.strides[0] // sizeof(floating), n_rows, n_channels, n_parts,
-                               &mean[0], work, &sum_dy[0], &sum_dy_xmu[0],
-                               threads_for(n_rows * n_channels))
+            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, &mean[0], work,
+                               &sum_dy[0], &sum_dy_xmu[0], threads_for(n_rows * n_channels),
+                               like)
     finally:
         free(work)
 
@@ -697,28 +763,30 @@ def grad_sums_rows(const floating[:, :] dy, const floating[:, :] x,
 def grad_input_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
                       floating[:, :, :] dx, const double[::1] mean,
                       const double[::1] dy_shift, const double[::1] x_coef,
-                      const double[::1] scale):
-    """dx = ((dy - dy_shift) - (x - mean)*x_coef)*scale, per channel."""
+                      const double[::1] scale, const floating[:, :, :] relu_output=None,
+                      floating[:, :, :] grad_residual=None):
+    """dx = ((g - dy_shift) - (x - mean)*x_coef)*scale per channel, g = dy
+    (masked by relu_output > 0 when given, and then kept in grad_residual)."""
     cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
     cdef Py_ssize_t count = x.shape[0] * n_spatial
+    cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
+    cdef Planar dxv = planar(dx), gv = planar(grad_residual)
+    cdef floating *like = NULL
     with nogil:
-        planar_grad_input_all(&dy[0, 0, 0], dy.strides[0] // sizeof(floating),
-                              dy.strides[1] // sizeof(floating), &x[0, 0, 0],
-                              x.strides[0] // sizeof(floating),
-                              x.strides[1] // sizeof(floating), &dx[0, 0, 0],
-                              dx.strides[0] // sizeof(floating),
-                              dx.strides[1] // sizeof(floating), n_channels, n_spatial,
-                              count, planar_parts(n_channels, count), &mean[0],
-                              &dy_shift[0], &x_coef[0], &scale[0],
-                              threads_for(count * n_channels))
+        planar_grad_input_all(dyv, yv, xv, dxv, gv, n_channels, n_spatial, count,
+                              planar_parts(n_channels, count), &mean[0], &dy_shift[0],
+                              &x_coef[0], &scale[0], threads_for(count * n_channels), like)
 
 
 def grad_input_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :] dx,
                     const double[::1] mean, const double[::1] dy_shift,
-                    const double[::1] x_coef, const double[::1] scale):
+                    const double[::1] x_coef, const double[::1] scale,
+                    const floating[:, :] relu_output=None,
+                    floating[:, :] grad_residual=None):
+    cdef Rows dyv = rows(dy), yv = rows(relu_output), xv = rows(x)
+    cdef Rows dxv = rows(dx), gv = rows(grad_residual)
+    cdef floating *like = NULL
     with nogil:
-        rows_grad_input_all(&dy[0, 0], dy.strides[0] // sizeof(floating), &x[0, 0],
-                            x.strides[0] // sizeof(floating), &dx[0, 0],
-                            dx.strides[0] // sizeof(floating), x.shape[0], x.shape[1],
-                            &mean[0], &dy_shift[0], &x_coef[0], &scale[0],
-                            threads_for(x.shape[0] * x.shape[1]))
+        rows_grad_input_all(dyv, yv, xv, dxv, gv, x.shape[0], x.shape[1], &mean[0],
+                            &dy_shift[0], &x_coef[0], &scale[0],
+                            threads_for(x.shape[0] * x.shape[1]), like)

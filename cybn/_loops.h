@@ -107,14 +107,21 @@ CYBN_INLINE void shifted_sums_##SUFFIX(const T *x, Py_ssize_t n, double shift,  
     *sumsq += tq;                                                                     \
 }                                                                                     \
                                                                                       \
-/* *sum_dy += sum(dy); *sum_dy_xmu += sum(dy * (x - mean)) over n values. */          \
-CYBN_INLINE void grad_sums_##SUFFIX(const T *dy, const T *x, Py_ssize_t n,            \
-                                    double mean, double *sum_dy, double *sum_dy_xmu)  \
+/* *sum_dy += sum(g); *sum_dy_xmu += sum(g * (x - mean)) over n values, with      \
+ * g = dy, or (masked) dy where y > 0 and 0 elsewhere. */                            \
+CYBN_INLINE void grad_sums_##SUFFIX(const T *dy, const T *y, const T *x, Py_ssize_t n,\
+                                    double mean, double *sum_dy, double *sum_dy_xmu,  \
+                                    const int masked)                                 \
 {                                                                                     \
     cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                                  \
     Py_ssize_t i = 0;                                                                 \
     for (; i + 16 <= n; i += 16) {                                                    \
         cybn_v8d g0 = load8_##SUFFIX(dy + i), g1 = load8_##SUFFIX(dy + i + 8);        \
+        if (masked)                                                                   \
+            for (int j = 0; j < 8; j++) {                                             \
+                g0[j] = y[i + j] > 0 ? g0[j] : 0.0;                                   \
+                g1[j] = y[i + j + 8] > 0 ? g1[j] : 0.0;                               \
+            }                                                                         \
         s0 += g0;                                                                     \
         s1 += g1;                                                                     \
         p0 += g0 * (load8_##SUFFIX(x + i) - mean);                                    \
@@ -124,7 +131,7 @@ CYBN_INLINE void grad_sums_##SUFFIX(const T *dy, const T *x, Py_ssize_t n,      
     p0 += p1;                                                                         \
     double ts = lanes_total(&s0), tp = lanes_total(&p0);                              \
     for (; i < n; i++) {                                                              \
-        double g = (double)dy[i];                                                     \
+        double g = masked && !(y[i] > 0) ? 0.0 : (double)dy[i];                       \
         ts += g;                                                                      \
         tp += g * ((double)x[i] - mean);                                              \
     }                                                                                 \
@@ -142,43 +149,104 @@ static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                            
                   shifted_sums_##SUFFIX(x + n * batch_stride + s, len, shift, sum, sumsq)) \
 }                                                                                     \
                                                                                       \
+/* y, when not NULL, masks dy (the ReLU's backward). */                             \
 static CYBN_DISPATCH void cybn_planar_grad_sums_##SUFFIX(                             \
-    const T *dy, Py_ssize_t dy_stride, const T *x, Py_ssize_t x_stride,               \
-    Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end, double mean,              \
-    double *sum_dy, double *sum_dy_xmu)                                               \
-{                                                                                     \
-    CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len,                                   \
-                  grad_sums_##SUFFIX(dy + n * dy_stride + s, x + n * x_stride + s, len,  \
-                                     mean, sum_dy, sum_dy_xmu))                       \
-}                                                                                     \
-                                                                                      \
-/* y = (x - mean) * scale + shift; y may be x. */                                     \
-static CYBN_DISPATCH void cybn_planar_affine_##SUFFIX(                                \
-    const T *x, Py_ssize_t x_stride, T *y, Py_ssize_t y_stride, Py_ssize_t n_spatial, \
-    Py_ssize_t begin, Py_ssize_t end, double mean, double scale, double shift)        \
-{                                                                                     \
-    CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
-        const T *in = x + n * x_stride + s;                                           \
-        T *out = y + n * y_stride + s;                                                \
-        CYBN_PRAGMA(omp simd)                                                         \
-        for (Py_ssize_t i = 0; i < len; i++)                                          \
-            out[i] = (T)(((double)in[i] - mean) * scale + shift);                     \
-    })                                                                                \
-}                                                                                     \
-                                                                                      \
-/* dx = ((dy - dy_shift) - (x - mean) * x_coef) * scale; dx may be dy or x. */        \
-static CYBN_DISPATCH void cybn_planar_grad_input_##SUFFIX(                            \
-    const T *dy, Py_ssize_t dy_stride, const T *x, Py_ssize_t x_stride, T *dx,        \
-    Py_ssize_t dx_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,     \
-    double mean, double dy_shift, double x_coef, double scale)                        \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,      \
+    double mean, double *sum_dy, double *sum_dy_xmu)                                  \
 {                                                                                     \
     CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
         const T *g = dy + n * dy_stride + s, *v = x + n * x_stride + s;               \
+        if (y)                                                                        \
+            grad_sums_##SUFFIX(g, y + n * y_stride + s, v, len, mean, sum_dy,         \
+                               sum_dy_xmu, 1);                                        \
+        else                                                                          \
+            grad_sums_##SUFFIX(g, g, v, len, mean, sum_dy, sum_dy_xmu, 0);            \
+    })                                                                                \
+}                                                                                     \
+                                                                                      \
+/* Element-wise passes.  One inline body per pass, with the options as       \
+ * arguments that the dispatching functions pass as constants, so that each      \
+ * combination compiles to its own branch-free vectorized loop.  Pointers a      \
+ * combination does not use point at valid data (never NULL), so that no        \
+ * speculative load can fault. */                                                 \
+                                                                                      \
+/* y = act((x - mean) * scale + shift [+ residual]); act is ReLU or nothing.        \
+ * y may be x.  NaN passes through the ReLU. */                                    \
+CYBN_INLINE void affine_run_##SUFFIX(const T *in, const T *res, T *out,               \
+                                     Py_ssize_t len, double mean, double scale,       \
+                                     double shift, const int add, const int relu)     \
+{                                                                                     \
+    CYBN_PRAGMA(omp simd)                                                             \
+    for (Py_ssize_t i = 0; i < len; i++) {                                            \
+        double v = ((double)in[i] - mean) * scale + shift;                            \
+        if (add)                                                                      \
+            v += (double)res[i];                                                      \
+        if (relu)                                                                     \
+            v = v < 0.0 ? 0.0 : v;                                                    \
+        out[i] = (T)v;                                                                \
+    }                                                                                 \
+}                                                                                     \
+                                                                                      \
+/* g = dy, or dy where y > 0 and 0 elsewhere (the ReLU's backward);               \
+ * dx = ((g - dy_shift) - (x - mean) * x_coef) * scale, and g to g_out.           \
+ * dx may be dy or x. */                                                          \
+CYBN_INLINE void grad_input_run_##SUFFIX(const T *dy, const T *y, const T *x, T *dx,  \
+                                         T *g_out, Py_ssize_t len, double mean,       \
+                                         double dy_shift, double x_coef, double scale,\
+                                         const int masked, const int keep_g)          \
+{                                                                                     \
+    CYBN_PRAGMA(omp simd)                                                             \
+    for (Py_ssize_t i = 0; i < len; i++) {                                            \
+        double g = (double)dy[i];                                                     \
+        if (masked)                                                                   \
+            g = y[i] > 0 ? g : 0.0;                                                   \
+        if (keep_g)                                                                   \
+            g_out[i] = (T)g;                                                          \
+        dx[i] = (T)(((g - dy_shift) - ((double)x[i] - mean) * x_coef) * scale);       \
+    }                                                                                 \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_planar_affine_##SUFFIX(                                \
+    const T *x, Py_ssize_t x_stride, const T *res, Py_ssize_t res_stride, T *y,       \
+    Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,      \
+    double mean, double scale, double shift, int relu)                                \
+{                                                                                     \
+    CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
+        const T *in = x + n * x_stride + s;                                           \
+        const T *r = res ? res + n * res_stride + s : in;                             \
+        T *out = y + n * y_stride + s;                                                \
+        if (res && relu)                                                              \
+            affine_run_##SUFFIX(in, r, out, len, mean, scale, shift, 1, 1);           \
+        else if (res)                                                                 \
+            affine_run_##SUFFIX(in, r, out, len, mean, scale, shift, 1, 0);           \
+        else if (relu)                                                                \
+            affine_run_##SUFFIX(in, r, out, len, mean, scale, shift, 0, 1);           \
+        else                                                                          \
+            affine_run_##SUFFIX(in, r, out, len, mean, scale, shift, 0, 0);           \
+    })                                                                                \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_planar_grad_input_##SUFFIX(                            \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, T *dx, Py_ssize_t dx_stride, T *g_out, Py_ssize_t g_stride,  \
+    Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end, double mean,              \
+    double dy_shift, double x_coef, double scale)                                     \
+{                                                                                     \
+    CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
+        const T *g = dy + n * dy_stride + s, *v = x + n * x_stride + s;               \
+        const T *m = y ? y + n * y_stride + s : g;                                    \
         T *out = dx + n * dx_stride + s;                                              \
-        CYBN_PRAGMA(omp simd)                                                         \
-        for (Py_ssize_t i = 0; i < len; i++)                                          \
-            out[i] = (T)((((double)g[i] - dy_shift) - ((double)v[i] - mean) * x_coef) \
-                         * scale);                                                    \
+        T *keep = g_out ? g_out + n * g_stride + s : out;                             \
+        if (y && g_out)                                                               \
+            grad_input_run_##SUFFIX(g, m, v, out, keep, len, mean, dy_shift, x_coef,  \
+                                    scale, 1, 1);                                     \
+        else if (y)                                                                   \
+            grad_input_run_##SUFFIX(g, m, v, out, keep, len, mean, dy_shift, x_coef,  \
+                                    scale, 1, 0);                                     \
+        else                                                                          \
+            grad_input_run_##SUFFIX(g, m, v, out, keep, len, mean, dy_shift, x_coef,  \
+                                    scale, 0, 0);                                     \
     })                                                                                \
 }                                                                                     \
                                                                                       \
@@ -202,48 +270,104 @@ static CYBN_DISPATCH void cybn_rows_sums_##SUFFIX(                              
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_rows_grad_sums_##SUFFIX(                               \
-    const T *dy, Py_ssize_t dy_stride, const T *x, Py_ssize_t x_stride,               \
-    Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,                          \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,     \
     const double *restrict mean, double *restrict sum_dy,                             \
     double *restrict sum_dy_xmu)                                                      \
 {                                                                                     \
     for (Py_ssize_t r = begin; r < end; r++) {                                        \
         const T *restrict g = dy + r * dy_stride, *restrict v = x + r * x_stride;     \
-        CYBN_PRAGMA(omp simd)                                                         \
-        for (Py_ssize_t c = 0; c < n_channels; c++) {                                 \
-            sum_dy[c] += (double)g[c];                                                \
-            sum_dy_xmu[c] += (double)g[c] * ((double)v[c] - mean[c]);                 \
+        const T *restrict m = y ? y + r * y_stride : g;                               \
+        if (y) {                                                                      \
+            CYBN_PRAGMA(omp simd)                                                     \
+            for (Py_ssize_t c = 0; c < n_channels; c++) {                             \
+                double gc = m[c] > 0 ? (double)g[c] : 0.0;                            \
+                sum_dy[c] += gc;                                                      \
+                sum_dy_xmu[c] += gc * ((double)v[c] - mean[c]);                       \
+            }                                                                         \
+        } else {                                                                      \
+            CYBN_PRAGMA(omp simd)                                                     \
+            for (Py_ssize_t c = 0; c < n_channels; c++) {                             \
+                sum_dy[c] += (double)g[c];                                            \
+                sum_dy_xmu[c] += (double)g[c] * ((double)v[c] - mean[c]);             \
+            }                                                                         \
         }                                                                             \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
+CYBN_INLINE void rows_affine_run_##SUFFIX(const T *in, const T *res, T *out,          \
+                                          Py_ssize_t n_channels, const double *mean,  \
+                                          const double *scale, const double *shift,   \
+                                          const int add, const int relu)              \
+{                                                                                     \
+    CYBN_PRAGMA(omp simd)                                                             \
+    for (Py_ssize_t c = 0; c < n_channels; c++) {                                     \
+        double v = ((double)in[c] - mean[c]) * scale[c] + shift[c];                   \
+        if (add)                                                                      \
+            v += (double)res[c];                                                      \
+        if (relu)                                                                     \
+            v = v < 0.0 ? 0.0 : v;                                                    \
+        out[c] = (T)v;                                                                \
+    }                                                                                 \
+}                                                                                     \
+                                                                                      \
 static CYBN_DISPATCH void cybn_rows_affine_##SUFFIX(                                  \
-    const T *x, Py_ssize_t x_stride, T *y, Py_ssize_t y_stride, Py_ssize_t n_channels,\
-    Py_ssize_t begin, Py_ssize_t end, const double *mean, const double *scale,        \
-    const double *shift)                                                              \
+    const T *x, Py_ssize_t x_stride, const T *res, Py_ssize_t res_stride, T *y,       \
+    Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,     \
+    const double *mean, const double *scale, const double *shift, int relu)           \
 {                                                                                     \
     for (Py_ssize_t r = begin; r < end; r++) {                                        \
         const T *in = x + r * x_stride;                                               \
+        const T *rr = res ? res + r * res_stride : in;                                \
         T *out = y + r * y_stride;                                                    \
-        CYBN_PRAGMA(omp simd)                                                         \
-        for (Py_ssize_t c = 0; c < n_channels; c++)                                   \
-            out[c] = (T)(((double)in[c] - mean[c]) * scale[c] + shift[c]);            \
+        if (res && relu)                                                              \
+            rows_affine_run_##SUFFIX(in, rr, out, n_channels, mean, scale, shift, 1, 1); \
+        else if (res)                                                                 \
+            rows_affine_run_##SUFFIX(in, rr, out, n_channels, mean, scale, shift, 1, 0); \
+        else if (relu)                                                                \
+            rows_affine_run_##SUFFIX(in, rr, out, n_channels, mean, scale, shift, 0, 1); \
+        else                                                                          \
+            rows_affine_run_##SUFFIX(in, rr, out, n_channels, mean, scale, shift, 0, 0); \
+    }                                                                                 \
+}                                                                                     \
+                                                                                      \
+CYBN_INLINE void rows_grad_input_run_##SUFFIX(                                        \
+    const T *dy, const T *y, const T *x, T *dx, T *g_out, Py_ssize_t n_channels,      \
+    const double *mean, const double *dy_shift, const double *x_coef,                 \
+    const double *scale, const int masked, const int keep_g)                          \
+{                                                                                     \
+    CYBN_PRAGMA(omp simd)                                                             \
+    for (Py_ssize_t c = 0; c < n_channels; c++) {                                     \
+        double g = (double)dy[c];                                                     \
+        if (masked)                                                                   \
+            g = y[c] > 0 ? g : 0.0;                                                   \
+        if (keep_g)                                                                   \
+            g_out[c] = (T)g;                                                          \
+        dx[c] = (T)(((g - dy_shift[c]) - ((double)x[c] - mean[c]) * x_coef[c])        \
+                    * scale[c]);                                                      \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_rows_grad_input_##SUFFIX(                              \
-    const T *dy, Py_ssize_t dy_stride, const T *x, Py_ssize_t x_stride, T *dx,        \
-    Py_ssize_t dx_stride, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,    \
-    const double *mean, const double *dy_shift, const double *x_coef,                 \
-    const double *scale)                                                              \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, T *dx, Py_ssize_t dx_stride, T *g_out, Py_ssize_t g_stride,  \
+    Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end, const double *mean,      \
+    const double *dy_shift, const double *x_coef, const double *scale)                \
 {                                                                                     \
     for (Py_ssize_t r = begin; r < end; r++) {                                        \
         const T *g = dy + r * dy_stride, *v = x + r * x_stride;                       \
+        const T *m = y ? y + r * y_stride : g;                                        \
         T *out = dx + r * dx_stride;                                                  \
-        CYBN_PRAGMA(omp simd)                                                         \
-        for (Py_ssize_t c = 0; c < n_channels; c++)                                   \
-            out[c] = (T)((((double)g[c] - dy_shift[c]) - ((double)v[c] - mean[c])     \
-                          * x_coef[c]) * scale[c]);                                   \
+        T *keep = g_out ? g_out + r * g_stride : out;                                 \
+        if (y && g_out)                                                               \
+            rows_grad_input_run_##SUFFIX(g, m, v, out, keep, n_channels, mean,        \
+                                         dy_shift, x_coef, scale, 1, 1);              \
+        else if (y)                                                                   \
+            rows_grad_input_run_##SUFFIX(g, m, v, out, keep, n_channels, mean,        \
+                                         dy_shift, x_coef, scale, 1, 0);              \
+        else                                                                          \
+            rows_grad_input_run_##SUFFIX(g, m, v, out, keep, n_channels, mean,        \
+                                         dy_shift, x_coef, scale, 0, 0);              \
     }                                                                                 \
 }
 

@@ -7,7 +7,8 @@ import numbers
 
 import numpy as np
 
-from ._api import _check_data, _forward_train, _real, backward, forward_eval
+from ._api import (_activation, _axis, _check_data, _check_same, _forward_train, _real,
+                   backward, forward_eval)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -18,7 +19,8 @@ class BatchNorm:
     """Batch normalization over the channels (axis 1) of (N, C, *spatial) data.
 
     bn = BatchNorm(num_features, eps=1e-5, momentum=0.1, affine=True,
-                   track_running_stats=True, dtype=np.float32)
+                   track_running_stats=True, dtype=np.float32, axis=1,
+                   activation=None)
 
     In training mode (the default, `bn.train()`), `bn(x)` normalizes with the
     batch's statistics and updates running_mean/running_var; in evaluation
@@ -28,13 +30,19 @@ class BatchNorm:
     forward and sets grad_weight and grad_bias (overwriting, not
     accumulating).  The layer keeps a reference to the last x, not a copy:
     do not modify x in place between forward and backward.
+
+    axis=-1 normalizes channels-last data (N, *spatial, C).  activation="relu"
+    fuses a ReLU after the normalization, and `bn(x, residual)` adds a
+    residual before it: y = relu(bn(x) + residual), in one pass.  After such
+    a forward, backward(dy) leaves the residual's gradient in grad_residual
+    (dy itself when there is no activation: not a copy).
     """
 
     _allowed_ndims = (2, 3, 4, 5)
     _ndim_text = "2D to 5D"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
+                 track_running_stats=True, dtype=np.float32, axis=1, activation=None):
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(
                 num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -47,6 +55,12 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.dtype = dtype
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral) \
+                or axis == 0:
+            raise ValueError(f"axis must be a nonzero integer (a channel axis), got {axis!r}")
+        self.axis = int(axis)
+        _activation(activation)
+        self.activation = activation
         self.training = True
         c = self.num_features
         self.weight = np.ones(c, dtype) if self.affine else None
@@ -59,7 +73,10 @@ class BatchNorm:
             self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
-        self._saved = None  # what backward needs from the last forward
+        self.grad_residual = None
+        self._saved = None  # (x, mean, invstd, weight, used batch statistics) of the last forward
+        self._saved_output = None  # y of the last forward, for the ReLU's backward
+        self._saved_residual = False
 
     # -- modes ---------------------------------------------------------------
 
@@ -72,8 +89,8 @@ class BatchNorm:
 
     # -- computation ---------------------------------------------------------
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, residual=None):
+        return self.forward(x, residual)
 
     def _check_input(self, x):
         _check_data(x, "x")
@@ -81,12 +98,17 @@ class BatchNorm:
             raise ValueError(f"expected {self._ndim_text} input (got {x.ndim}D input)")
         if x.dtype != self.dtype:
             raise TypeError(f"x must have the layer's dtype {self.dtype}, got {x.dtype}")
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"x must have {self.num_features} channels (axis 1), got shape {x.shape}")
+        axis = _axis(self.axis, x.ndim)
+        if x.shape[axis] != self.num_features:
+            raise ValueError(f"x must have {self.num_features} channels (axis {self.axis}), "
+                             f"got shape {x.shape}")
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """y = bn(x), or act(bn(x) + residual) with the layer's activation."""
         self._check_input(x)
+        if residual is not None:
+            _check_same(residual, "residual", x)
+        relu = _activation(self.activation)
         use_batch_stats = self.training or not self.track_running_stats
         weight = None if self.weight is None else np.array(self.weight, np.float64)
         if use_batch_stats:
@@ -98,14 +120,18 @@ class BatchNorm:
                 x, weight, self.bias,
                 self.running_mean if update else None,
                 self.running_var if update else None,
-                0.0 if momentum is None else momentum, self.eps, None)
+                0.0 if momentum is None else momentum, self.eps, None, self.axis, residual,
+                self.activation)
             if updated:
                 self.num_batches_tracked += 1
         else:
             mean = self.running_mean.astype(np.float64)
             invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            y = forward_eval(x, mean, self.running_var, weight, self.bias, eps=self.eps)
+            y = forward_eval(x, mean, self.running_var, weight, self.bias, eps=self.eps,
+                             axis=self.axis, residual=residual, activation=self.activation)
         self._saved = (x, mean, invstd, weight, use_batch_stats)
+        self._saved_output = y if relu else None
+        self._saved_residual = residual is not None
         return y
 
     def backward(self, dy):
@@ -113,11 +139,19 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward was called before forward")
         x, mean, invstd, weight, use_batch_stats = self._saved
-        dx, grad_weight, grad_bias = backward(dy, x, mean, invstd, weight,
-                                              training=use_batch_stats)
+        relu = self._saved_output is not None
+        grad_residual = (np.empty_like(dy) if relu and self._saved_residual
+                         and isinstance(dy, np.ndarray) else None)
+        dx, grad_weight, grad_bias = backward(
+            dy, x, mean, invstd, weight, training=use_batch_stats, axis=self.axis,
+            activation="relu" if relu else None, y=self._saved_output,
+            grad_residual=grad_residual)
         if self.affine:
             self.grad_weight = grad_weight.astype(self.dtype, copy=False)
             self.grad_bias = grad_bias.astype(self.dtype, copy=False)
+        self.grad_residual = None
+        if self._saved_residual:
+            self.grad_residual = grad_residual if relu else dy
         return dx
 
     # -- state ---------------------------------------------------------------
@@ -184,9 +218,12 @@ class BatchNorm:
         return tuple(k for k in _STATE_KEYS if getattr(self, k) is not None)
 
     def __repr__(self):
+        extra = "" if self.axis == 1 else f", axis={self.axis}"
+        extra += "" if self.activation is None else f", activation={self.activation!r}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})")
+                f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}"
+                f"{extra})")
 
 
 class BatchNorm1d(BatchNorm):
