@@ -70,50 +70,49 @@ CYBN_INLINE double lanes_total(const cybn_v8d *v) /* a pointer: no vector ABI */
 }
 
 /* Walk the flat indices [begin, end) of a planar channel run by run: each
- * piece is run N, from position S, LEN values long. */
+ * piece is run N, from position S, LEN values long.  One division in all. */
 #define CYBN_FOR_RUNS(begin, end, n_spatial, N, S, LEN, ...)                         \
-    for (Py_ssize_t i_ = (begin); i_ < (end);) {                                     \
-        Py_ssize_t N = i_ / (n_spatial), S = i_ - N * (n_spatial);                   \
-        Py_ssize_t LEN = (n_spatial) - S < (end) - i_ ? (n_spatial) - S : (end) - i_; \
-        __VA_ARGS__;                                                                 \
-        i_ += LEN;                                                                   \
+    {                                                                                \
+        Py_ssize_t N = (begin) / (n_spatial), S = (begin) - N * (n_spatial);         \
+        for (Py_ssize_t left_ = (end) - (begin); left_ > 0; N++, S = 0) {            \
+            Py_ssize_t LEN = (n_spatial) - S < left_ ? (n_spatial) - S : left_;      \
+            __VA_ARGS__;                                                             \
+            left_ -= LEN;                                                            \
+        }                                                                            \
     }
 
 #define CYBN_DEFINE_LOOPS(T, SUFFIX)                                                  \
                                                                                       \
-/* *sum += sum(x - shift); *sumsq += sum((x - shift)^2) over n contiguous values. */ \
-CYBN_INLINE void shifted_sums_##SUFFIX(const T *x, Py_ssize_t n, double shift,        \
-                                       double *sum, double *sumsq)                    \
+/* Sums over one contiguous run, into accumulators that the caller carries   \
+ * across runs (so short runs cost no reduction each): 16 lanes in s0|s1 and     \
+ * q0|q1, and the values past the last full 16 in ts, tq. */                      \
+CYBN_INLINE void shifted_sums_run_##SUFFIX(const T *x, Py_ssize_t n, double shift,    \
+                                           cybn_v8d *s0, cybn_v8d *s1, cybn_v8d *q0,  \
+                                           cybn_v8d *q1, double *ts, double *tq)      \
 {                                                                                     \
-    cybn_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                  \
     Py_ssize_t i = 0;                                                                 \
     for (; i + 16 <= n; i += 16) {                                                    \
         cybn_v8d d0 = load8_##SUFFIX(x + i) - shift;                                  \
         cybn_v8d d1 = load8_##SUFFIX(x + i + 8) - shift;                              \
-        s0 += d0;                                                                     \
-        s1 += d1;                                                                     \
-        q0 += d0 * d0;                                                                \
-        q1 += d1 * d1;                                                                \
+        *s0 += d0;                                                                    \
+        *s1 += d1;                                                                    \
+        *q0 += d0 * d0;                                                               \
+        *q1 += d1 * d1;                                                               \
     }                                                                                 \
-    s0 += s1;                                                                         \
-    q0 += q1;                                                                         \
-    double ts = lanes_total(&s0), tq = lanes_total(&q0);                              \
     for (; i < n; i++) {                                                              \
         double d = (double)x[i] - shift;                                              \
-        ts += d;                                                                      \
-        tq += d * d;                                                                  \
+        *ts += d;                                                                     \
+        *tq += d * d;                                                                 \
     }                                                                                 \
-    *sum += ts;                                                                       \
-    *sumsq += tq;                                                                     \
 }                                                                                     \
                                                                                       \
-/* *sum_dy += sum(g); *sum_dy_xmu += sum(g * (x - mean)) over n values, with      \
- * g = dy, or (masked) dy where y > 0 and 0 elsewhere. */                            \
-CYBN_INLINE void grad_sums_##SUFFIX(const T *dy, const T *y, const T *x, Py_ssize_t n,\
-                                    double mean, double *sum_dy, double *sum_dy_xmu,  \
-                                    const int masked)                                 \
+/* The same for sum(g) and sum(g * (x - mean)), g = dy, or (masked) dy where     \
+ * y > 0 and 0 elsewhere: the ReLU's backward. */                                  \
+CYBN_INLINE void grad_sums_run_##SUFFIX(const T *dy, const T *y, const T *x,          \
+                                        Py_ssize_t n, double mean, cybn_v8d *s0,      \
+                                        cybn_v8d *s1, cybn_v8d *p0, cybn_v8d *p1,     \
+                                        double *ts, double *tp, const int masked)     \
 {                                                                                     \
-    cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                                  \
     Py_ssize_t i = 0;                                                                 \
     for (; i + 16 <= n; i += 16) {                                                    \
         cybn_v8d g0 = load8_##SUFFIX(dy + i), g1 = load8_##SUFFIX(dy + i + 8);        \
@@ -122,47 +121,58 @@ CYBN_INLINE void grad_sums_##SUFFIX(const T *dy, const T *y, const T *x, Py_ssiz
                 g0[j] = y[i + j] > 0 ? g0[j] : 0.0;                                   \
                 g1[j] = y[i + j + 8] > 0 ? g1[j] : 0.0;                               \
             }                                                                         \
-        s0 += g0;                                                                     \
-        s1 += g1;                                                                     \
-        p0 += g0 * (load8_##SUFFIX(x + i) - mean);                                    \
-        p1 += g1 * (load8_##SUFFIX(x + i + 8) - mean);                                \
+        *s0 += g0;                                                                    \
+        *s1 += g1;                                                                    \
+        *p0 += g0 * (load8_##SUFFIX(x + i) - mean);                                   \
+        *p1 += g1 * (load8_##SUFFIX(x + i + 8) - mean);                               \
     }                                                                                 \
-    s0 += s1;                                                                         \
-    p0 += p1;                                                                         \
-    double ts = lanes_total(&s0), tp = lanes_total(&p0);                              \
     for (; i < n; i++) {                                                              \
         double g = masked && !(y[i] > 0) ? 0.0 : (double)dy[i];                       \
-        ts += g;                                                                      \
-        tp += g * ((double)x[i] - mean);                                              \
+        *ts += g;                                                                     \
+        *tp += g * ((double)x[i] - mean);                                             \
     }                                                                                 \
-    *sum_dy += ts;                                                                    \
-    *sum_dy_xmu += tp;                                                                \
 }                                                                                     \
                                                                                       \
 /* ---- planar: one channel's flat indices [begin, end) ---- */                       \
                                                                                       \
+/* *sum += sum(x - shift); *sumsq += sum((x - shift)^2). */                           \
 static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                                  \
     const T *x, Py_ssize_t batch_stride, Py_ssize_t n_spatial, Py_ssize_t begin,      \
     Py_ssize_t end, double shift, double *sum, double *sumsq)                         \
 {                                                                                     \
+    cybn_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                  \
+    double ts = 0.0, tq = 0.0;                                                        \
     CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len,                                   \
-                  shifted_sums_##SUFFIX(x + n * batch_stride + s, len, shift, sum, sumsq)) \
+                  shifted_sums_run_##SUFFIX(x + n * batch_stride + s, len, shift, &s0, \
+                                            &s1, &q0, &q1, &ts, &tq))                 \
+    s0 += s1;                                                                         \
+    q0 += q1;                                                                         \
+    *sum += lanes_total(&s0) + ts;                                                    \
+    *sumsq += lanes_total(&q0) + tq;                                                  \
 }                                                                                     \
                                                                                       \
-/* y, when not NULL, masks dy (the ReLU's backward). */                             \
+/* *sum_dy += sum(g); *sum_dy_xmu += sum(g * (x - mean)); y, when not NULL,       \
+ * masks dy (the ReLU's backward). */                                              \
 static CYBN_DISPATCH void cybn_planar_grad_sums_##SUFFIX(                             \
     const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
     Py_ssize_t x_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,      \
     double mean, double *sum_dy, double *sum_dy_xmu)                                  \
 {                                                                                     \
+    cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                                  \
+    double ts = 0.0, tp = 0.0;                                                        \
     CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
         const T *g = dy + n * dy_stride + s, *v = x + n * x_stride + s;               \
         if (y)                                                                        \
-            grad_sums_##SUFFIX(g, y + n * y_stride + s, v, len, mean, sum_dy,         \
-                               sum_dy_xmu, 1);                                        \
+            grad_sums_run_##SUFFIX(g, y + n * y_stride + s, v, len, mean, &s0, &s1,   \
+                                   &p0, &p1, &ts, &tp, 1);                            \
         else                                                                          \
-            grad_sums_##SUFFIX(g, g, v, len, mean, sum_dy, sum_dy_xmu, 0);            \
+            grad_sums_run_##SUFFIX(g, g, v, len, mean, &s0, &s1, &p0, &p1, &ts, &tp,  \
+                                   0);                                                \
     })                                                                                \
+    s0 += s1;                                                                         \
+    p0 += p1;                                                                         \
+    *sum_dy += lanes_total(&s0) + ts;                                                 \
+    *sum_dy_xmu += lanes_total(&p0) + tp;                                             \
 }                                                                                     \
                                                                                       \
 /* Element-wise passes.  One inline body per pass, with the options as       \
@@ -253,45 +263,86 @@ static CYBN_DISPATCH void cybn_planar_grad_input_##SUFFIX(                      
 /* ---- rows: rows [begin, end) of n_channels contiguous values; one              \
  * accumulator per channel, so sums vectorize across channels unreordered ---- */     \
                                                                                       \
+/* Sums of K rows at once (K = 4, or 1 for the last rows): each accumulator  \
+ * is loaded and stored once per K rows. */                                       \
+CYBN_INLINE void rows_sums_block_##SUFFIX(const T *x, Py_ssize_t row_stride,          \
+                                          Py_ssize_t n_channels, const int k,         \
+                                          const double *restrict shift,               \
+                                          double *restrict sum,                       \
+                                          double *restrict sumsq)                     \
+{                                                                                     \
+    CYBN_PRAGMA(omp simd)                                                             \
+    for (Py_ssize_t c = 0; c < n_channels; c++) {                                     \
+        double a = 0.0, b = 0.0;                                                      \
+        for (int j = 0; j < k; j++) {                                                 \
+            double d = (double)x[j * row_stride + c] - shift[c];                      \
+            a += d;                                                                   \
+            b += d * d;                                                               \
+        }                                                                             \
+        sum[c] += a;                                                                  \
+        sumsq[c] += b;                                                                \
+    }                                                                                 \
+}                                                                                     \
+                                                                                      \
 static CYBN_DISPATCH void cybn_rows_sums_##SUFFIX(                                    \
     const T *x, Py_ssize_t row_stride, Py_ssize_t n_channels, Py_ssize_t begin,       \
     Py_ssize_t end, const double *restrict shift, double *restrict sum,               \
     double *restrict sumsq)                                                           \
 {                                                                                     \
-    for (Py_ssize_t r = begin; r < end; r++) {                                        \
-        const T *restrict row = x + r * row_stride;                                   \
-        CYBN_PRAGMA(omp simd)                                                         \
-        for (Py_ssize_t c = 0; c < n_channels; c++) {                                 \
-            double d = (double)row[c] - shift[c];                                     \
-            sum[c] += d;                                                              \
-            sumsq[c] += d * d;                                                        \
+    Py_ssize_t r = begin;                                                             \
+    for (; r + 4 <= end; r += 4)                                                      \
+        rows_sums_block_##SUFFIX(x + r * row_stride, row_stride, n_channels, 4, shift, \
+                                 sum, sumsq);                                         \
+    for (; r < end; r++)                                                              \
+        rows_sums_block_##SUFFIX(x + r * row_stride, row_stride, n_channels, 1, shift, \
+                                 sum, sumsq);                                         \
+}                                                                                     \
+                                                                                      \
+CYBN_INLINE void rows_grad_sums_block_##SUFFIX(                                       \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, Py_ssize_t n_channels, const int k, const int masked,        \
+    const double *restrict mean, double *restrict sum_dy,                             \
+    double *restrict sum_dy_xmu)                                                      \
+{                                                                                     \
+    CYBN_PRAGMA(omp simd)                                                             \
+    for (Py_ssize_t c = 0; c < n_channels; c++) {                                     \
+        double a = 0.0, b = 0.0;                                                      \
+        for (int j = 0; j < k; j++) {                                                 \
+            double g = (double)dy[j * dy_stride + c];                                 \
+            if (masked)                                                               \
+                g = y[j * y_stride + c] > 0 ? g : 0.0;                                \
+            a += g;                                                                   \
+            b += g * ((double)x[j * x_stride + c] - mean[c]);                         \
         }                                                                             \
+        sum_dy[c] += a;                                                               \
+        sum_dy_xmu[c] += b;                                                           \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
+/* y, when not NULL, masks dy (the ReLU's backward). */                             \
 static CYBN_DISPATCH void cybn_rows_grad_sums_##SUFFIX(                               \
     const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
     Py_ssize_t x_stride, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,     \
     const double *restrict mean, double *restrict sum_dy,                             \
     double *restrict sum_dy_xmu)                                                      \
 {                                                                                     \
-    for (Py_ssize_t r = begin; r < end; r++) {                                        \
-        const T *restrict g = dy + r * dy_stride, *restrict v = x + r * x_stride;     \
-        const T *restrict m = y ? y + r * y_stride : g;                               \
-        if (y) {                                                                      \
-            CYBN_PRAGMA(omp simd)                                                     \
-            for (Py_ssize_t c = 0; c < n_channels; c++) {                             \
-                double gc = m[c] > 0 ? (double)g[c] : 0.0;                            \
-                sum_dy[c] += gc;                                                      \
-                sum_dy_xmu[c] += gc * ((double)v[c] - mean[c]);                       \
-            }                                                                         \
-        } else {                                                                      \
-            CYBN_PRAGMA(omp simd)                                                     \
-            for (Py_ssize_t c = 0; c < n_channels; c++) {                             \
-                sum_dy[c] += (double)g[c];                                            \
-                sum_dy_xmu[c] += (double)g[c] * ((double)v[c] - mean[c]);             \
-            }                                                                         \
-        }                                                                             \
+    for (Py_ssize_t r = begin; r < end;) {                                            \
+        const int k = end - r >= 4 ? 4 : 1;                                           \
+        const T *g = dy + r * dy_stride, *v = x + r * x_stride;                       \
+        const T *m = y ? y + r * y_stride : g;                                        \
+        if (y && k == 4)                                                              \
+            rows_grad_sums_block_##SUFFIX(g, dy_stride, m, y_stride, v, x_stride,     \
+                                          n_channels, 4, 1, mean, sum_dy, sum_dy_xmu);\
+        else if (y)                                                                   \
+            rows_grad_sums_block_##SUFFIX(g, dy_stride, m, y_stride, v, x_stride,     \
+                                          n_channels, 1, 1, mean, sum_dy, sum_dy_xmu);\
+        else if (k == 4)                                                              \
+            rows_grad_sums_block_##SUFFIX(g, dy_stride, m, y_stride, v, x_stride,     \
+                                          n_channels, 4, 0, mean, sum_dy, sum_dy_xmu);\
+        else                                                                          \
+            rows_grad_sums_block_##SUFFIX(g, dy_stride, m, y_stride, v, x_stride,     \
+                                          n_channels, 1, 0, mean, sum_dy, sum_dy_xmu);\
+        r += k;                                                                       \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
