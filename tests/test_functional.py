@@ -241,3 +241,26 @@ def test_integer_and_list_parameters_are_accepted():
     y1, _, _ = cybn.forward_train(x, [1, 2, 3], [0, 0, 1])
     y2, _, _ = cybn.forward_train(x, np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.0, 1.0]))
     np.testing.assert_array_equal(y1, y2)
+
+
+@pytest.mark.parametrize("shape", [(16, 64, 64, 64), (65536, 256)], ids=str)
+def test_no_full_size_temporaries_with_out(shape):
+    """With out= given, only O(C) scratch is allocated: no copy of the data."""
+    import tracemalloc
+
+    x = random_batch(shape, np.float32, seed=30)
+    out = np.empty_like(x)
+    dy = random_batch(shape, np.float32, seed=31)
+    c = shape[1]
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    _, mean, invstd = cybn.forward_train(x, None, None, rm, rv, out=out)  # warm up
+    tracemalloc.start()
+    try:
+        cybn.forward_train(x, None, None, rm, rv, out=out)
+        cybn.forward_eval(x, rm, rv, out=out)
+        cybn.backward(dy, x, mean, invstd, out=out)
+        cybn.forward_train(x, out=out, residual=dy, activation="relu")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * c * 8 + 65536, f"peak {peak} bytes for {x.nbytes} bytes of data"

@@ -97,3 +97,28 @@ def test_gil_is_released_during_a_kernel():
     during = [tick for tick in ticks if start < tick < end]
     # With the GIL held the ticker could run only between calls (a handful of ticks).
     assert len(during) > 20, f"only {len(during)} ticks in {end - start:.3f} s"
+
+
+def test_separate_layers_in_python_threads_match_serial_runs():
+    def run(seed):
+        bn = cybn.BatchNorm2d(6, activation="relu")
+        rng = np.random.default_rng(seed)
+        outputs = []
+        for _ in range(4):
+            x = rng.standard_normal((16, 6, 24, 24)).astype(np.float32)
+            r = rng.standard_normal(x.shape).astype(np.float32)
+            outputs.append(bn(x, r))
+            outputs.append(bn.backward(rng.standard_normal(x.shape).astype(np.float32)))
+        return outputs + [bn.running_mean, bn.running_var, bn.grad_weight, bn.grad_residual]
+
+    serial = [run(seed) for seed in range(6)]
+    concurrent = [None] * 6
+    threads = [threading.Thread(target=lambda s=seed: concurrent.__setitem__(s, run(s)))
+               for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s, c in zip(serial, concurrent):
+        for a, b in zip(s, c):
+            assert a.tobytes() == b.tobytes()
