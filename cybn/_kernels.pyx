@@ -26,6 +26,12 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 cdef extern from "_loops.h" nogil:
+    ctypedef struct Planar "cybn_planar":
+        # One operand in the planar layout; strides in elements.  data is
+        # NULL for an optional operand that is absent (residual, ReLU output).
+        char *data
+        Py_ssize_t batch_stride
+        Py_ssize_t channel_stride
     int cybn_max_threads()
     void planar_sums_f32 "cybn_planar_sums_f32"(
         const float *x, Py_ssize_t batch_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
@@ -59,6 +65,36 @@ cdef extern from "_loops.h" nogil:
         const double *x, Py_ssize_t x_stride, double *dx, Py_ssize_t dx_stride,
         double *g_out, Py_ssize_t g_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
         Py_ssize_t end, double mean, double dy_shift, double x_coef, double scale)
+    void runs_sums_f32 "cybn_runs_sums_f32"(
+        Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t run_begin,
+        Py_ssize_t run_end, const double *shift, double *sum, double *sumsq)
+    void runs_sums_f64 "cybn_runs_sums_f64"(
+        Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t run_begin,
+        Py_ssize_t run_end, const double *shift, double *sum, double *sumsq)
+    void runs_grad_sums_f32 "cybn_runs_grad_sums_f32"(
+        Planar dy, Planar y, Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+        Py_ssize_t run_begin, Py_ssize_t run_end, const double *mean, double *sum_dy,
+        double *sum_dy_xmu)
+    void runs_grad_sums_f64 "cybn_runs_grad_sums_f64"(
+        Planar dy, Planar y, Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+        Py_ssize_t run_begin, Py_ssize_t run_end, const double *mean, double *sum_dy,
+        double *sum_dy_xmu)
+    void runs_affine_f32 "cybn_runs_affine_f32"(
+        Planar x, Planar res, Planar y, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+        Py_ssize_t run_begin, Py_ssize_t run_end, const double *mean, const double *scale,
+        const double *shift, int relu)
+    void runs_affine_f64 "cybn_runs_affine_f64"(
+        Planar x, Planar res, Planar y, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+        Py_ssize_t run_begin, Py_ssize_t run_end, const double *mean, const double *scale,
+        const double *shift, int relu)
+    void runs_grad_input_f32 "cybn_runs_grad_input_f32"(
+        Planar dy, Planar y, Planar x, Planar dx, Planar g_out, Py_ssize_t n_channels,
+        Py_ssize_t n_spatial, Py_ssize_t run_begin, Py_ssize_t run_end, const double *mean,
+        const double *dy_shift, const double *x_coef, const double *scale)
+    void runs_grad_input_f64 "cybn_runs_grad_input_f64"(
+        Planar dy, Planar y, Planar x, Planar dx, Planar g_out, Py_ssize_t n_channels,
+        Py_ssize_t n_spatial, Py_ssize_t run_begin, Py_ssize_t run_end, const double *mean,
+        const double *dy_shift, const double *x_coef, const double *scale)
     void rows_sums_f32 "cybn_rows_sums_f32"(
         const float *x, Py_ssize_t row_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *shift, double *sum, double *sumsq)
@@ -103,18 +139,17 @@ cdef Py_ssize_t SERIAL_BELOW = 1 << 15
 # each of at least PART_MIN values, so that many threads have work.
 cdef Py_ssize_t MIN_TASKS = 64
 cdef Py_ssize_t PART_MIN = 1 << 14
+# Planar runs shorter than this (small H x W) are walked in memory order,
+# batch by batch, so that the hardware prefetcher sees one stream; the
+# statistics then need BATCH_PARTS ranges of the batch, 2 x C sums each.
+cdef Py_ssize_t SHORT_RUN_BYTES = 2048
+cdef Py_ssize_t BATCH_PARTS = 16
+# Element-wise passes in memory order take chunks of about this many values.
+cdef Py_ssize_t CHUNK_VALUES = 1 << 14
 # Rows data is cut into at most ROWS_TASKS ranges of at least ROWS_MIN rows;
 # each range keeps 2 x C partial sums.
-cdef Py_ssize_t ROWS_TASKS = 32
+cdef Py_ssize_t ROWS_TASKS = 16
 cdef Py_ssize_t ROWS_MIN = 16
-
-
-ctypedef struct Planar:
-    # One operand in the planar layout; strides in elements.  data is NULL
-    # for an optional operand that is absent (residual, ReLU output, ...).
-    char *data
-    Py_ssize_t batch_stride
-    Py_ssize_t channel_stride
 
 
 ctypedef struct Rows:
@@ -136,6 +171,10 @@ cdef inline Py_ssize_t planar_parts(Py_ssize_t n_channels, Py_ssize_t count) noe
     if n_channels >= MIN_TASKS:
         return 1
     return max(1, min((MIN_TASKS + n_channels - 1) // n_channels, count // PART_MIN))
+
+
+cdef inline bint short_runs(Py_ssize_t n_spatial, Py_ssize_t itemsize) noexcept nogil:
+    return n_spatial * itemsize < SHORT_RUN_BYTES
 
 
 cdef inline Py_ssize_t rows_parts(Py_ssize_t n_rows) noexcept nogil:
@@ -302,6 +341,52 @@ cdef inline void rows_grad_input(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                             mean, dy_shift, x_coef, scale)
 
 
+cdef inline void runs_sums(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+                           Py_ssize_t begin, Py_ssize_t end, const double *shift,
+                           double *s, double *q, floating *like) noexcept nogil:
+    if floating is float:
+        runs_sums_f32(x, n_channels, n_spatial, begin, end, shift, s, q)
+    else:
+        runs_sums_f64(x, n_channels, n_spatial, begin, end, shift, s, q)
+
+
+cdef inline void runs_grad_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_channels,
+                                Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,
+                                const double *mean, double *sum_dy, double *sum_dy_xmu,
+                                floating *like) noexcept nogil:
+    if floating is float:
+        runs_grad_sums_f32(dy, y, x, n_channels, n_spatial, begin, end, mean, sum_dy,
+                           sum_dy_xmu)
+    else:
+        runs_grad_sums_f64(dy, y, x, n_channels, n_spatial, begin, end, mean, sum_dy,
+                           sum_dy_xmu)
+
+
+cdef inline void runs_affine(Planar x, Planar res, Planar y, Py_ssize_t n_channels,
+                             Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,
+                             const double *mean, const double *scale, const double *shift,
+                             int relu, floating *like) noexcept nogil:
+    if floating is float:
+        runs_affine_f32(x, res, y, n_channels, n_spatial, begin, end, mean, scale, shift,
+                        relu)
+    else:
+        runs_affine_f64(x, res, y, n_channels, n_spatial, begin, end, mean, scale, shift,
+                        relu)
+
+
+cdef inline void runs_grad_input(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
+                                 Py_ssize_t n_channels, Py_ssize_t n_spatial,
+                                 Py_ssize_t begin, Py_ssize_t end, const double *mean,
+                                 const double *dy_shift, const double *x_coef,
+                                 const double *scale, floating *like) noexcept nogil:
+    if floating is float:
+        runs_grad_input_f32(dy, y, x, dx, g_out, n_channels, n_spatial, begin, end, mean,
+                            dy_shift, x_coef, scale)
+    else:
+        runs_grad_input_f64(dy, y, x, dx, g_out, n_channels, n_spatial, begin, end, mean,
+                            dy_shift, x_coef, scale)
+
+
 # ---------------------------------------------------------------------------
 # Statistics.  Sums are taken of x - shift, shift being the channel's first
 # value: a constant channel then gives exactly s = 0, mean = shift and M2 = 0,
@@ -429,6 +514,88 @@ cdef void rows_grad_sums_all(Rows dy, Rows y, Rows x, Py_ssize_t n_rows,
             sum_dy_xmu[c] = sum_dy_xmu[c] + partial[(2 * p + 1) * n_channels + c]
 
 
+cdef void runs_moments(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
+                       Py_ssize_t n_spatial, double *partial, double *mean, double *m2,
+                       int n_threads, floating *like) noexcept nogil:
+    """mean and M2 of every planar channel, walking the data in memory order in
+    BATCH_PARTS ranges of the batch; partial holds 2 * BATCH_PARTS * C doubles."""
+    cdef Py_ssize_t p, c, n_parts = min(n_batch, BATCH_PARTS)
+    cdef Py_ssize_t n_passes = 2 if floating is double else 1, pass_
+    cdef double count = <double>n_batch * n_spatial, s, q
+    cdef double *sums
+    for c in range(n_channels):
+        mean[c] = channel(x, c, like)[0]  # the first pass's shift
+    for pass_ in range(n_passes):
+        for p in prange(n_parts, schedule='static', num_threads=n_threads):
+            sums = partial + 2 * p * n_channels
+            for c in range(2 * n_channels):
+                sums[c] = 0.0
+            runs_sums(x, n_channels, n_spatial, part_start(p, n_parts, n_batch) * n_channels,
+                      part_start(p + 1, n_parts, n_batch) * n_channels, mean, sums,
+                      sums + n_channels, like)
+        for c in range(n_channels):
+            s = 0.0
+            q = 0.0
+            for p in range(n_parts):
+                s = s + partial[2 * p * n_channels + c]
+                q = q + partial[(2 * p + 1) * n_channels + c]
+            if pass_ == 0:
+                mean[c] = mean[c] + s / count
+            m2[c] = centered_m2(s, q, count)
+
+
+cdef void runs_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
+                             Py_ssize_t n_channels, Py_ssize_t n_spatial, const double *mean,
+                             double *partial, double *sum_dy, double *sum_dy_xmu,
+                             int n_threads, floating *like) noexcept nogil:
+    """Gradient sums of every planar channel in memory order, in BATCH_PARTS
+    ranges of the batch; partial holds 2 * BATCH_PARTS * C doubles."""
+    cdef Py_ssize_t p, c, n_parts = min(n_batch, BATCH_PARTS)
+    cdef double *sums
+    for p in prange(n_parts, schedule='static', num_threads=n_threads):
+        sums = partial + 2 * p * n_channels
+        for c in range(2 * n_channels):
+            sums[c] = 0.0
+        runs_grad_sums(dy, y, x, n_channels, n_spatial,
+                       part_start(p, n_parts, n_batch) * n_channels,
+                       part_start(p + 1, n_parts, n_batch) * n_channels, mean, sums,
+                       sums + n_channels, like)
+    for c in range(n_channels):
+        sum_dy[c] = 0.0
+        sum_dy_xmu[c] = 0.0
+        for p in range(n_parts):
+            sum_dy[c] = sum_dy[c] + partial[2 * p * n_channels + c]
+            sum_dy_xmu[c] = sum_dy_xmu[c] + partial[(2 * p + 1) * n_channels + c]
+
+
+cdef inline Py_ssize_t runs_per_chunk(Py_ssize_t n_spatial) noexcept nogil:
+    return max(1, CHUNK_VALUES // n_spatial)
+
+
+cdef void runs_affine_all(Planar x, Planar res, Planar y, Py_ssize_t n_batch,
+                          Py_ssize_t n_channels, Py_ssize_t n_spatial, const double *mean,
+                          const double *scale, const double *shift, int relu,
+                          int n_threads, floating *like) noexcept nogil:
+    """The affine pass over all runs in memory order (chunks are independent:
+    their split may depend on anything)."""
+    cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
+    for k in prange((n_runs + chunk - 1) // chunk, schedule='static', num_threads=n_threads):
+        runs_affine(x, res, y, n_channels, n_spatial, k * chunk, min(n_runs, (k + 1) * chunk),
+                    mean, scale, shift, relu, like)
+
+
+cdef void runs_grad_input_all(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
+                              Py_ssize_t n_batch, Py_ssize_t n_channels,
+                              Py_ssize_t n_spatial, const double *mean,
+                              const double *dy_shift, const double *x_coef,
+                              const double *scale, int n_threads,
+                              floating *like) noexcept nogil:
+    cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
+    for k in prange((n_runs + chunk - 1) // chunk, schedule='static', num_threads=n_threads):
+        runs_grad_input(dy, y, x, dx, g_out, n_channels, n_spatial, k * chunk,
+                        min(n_runs, (k + 1) * chunk), mean, dy_shift, x_coef, scale, like)
+
+
 cdef inline void training_grad_coefficients(double sum_dy, double sum_dy_xmu,
                                             double invstd, double count,
                                             double *dy_shift, double *x_coef) noexcept nogil:
@@ -455,34 +622,6 @@ cdef void grad_coefficients(Py_ssize_t n_channels, Py_ssize_t count, bint traini
 # ---------------------------------------------------------------------------
 # Element-wise passes over all tasks.
 
-cdef void planar_affine_all(Planar x, Planar res, Planar y, Py_ssize_t n_channels,
-                            Py_ssize_t n_spatial, Py_ssize_t count, Py_ssize_t n_parts,
-                            const double *mean, const double *scale, const double *shift,
-                            int relu, int n_threads, floating *like) noexcept nogil:
-    cdef Py_ssize_t task, c, p
-    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
-        c = task // n_parts
-        p = task % n_parts
-        planar_affine(x, res, y, c, n_spatial, part_start(p, n_parts, count),
-                      part_start(p + 1, n_parts, count), mean[c], scale[c], shift[c], relu,
-                      like)
-
-
-cdef void planar_grad_input_all(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
-                                Py_ssize_t n_channels, Py_ssize_t n_spatial,
-                                Py_ssize_t count, Py_ssize_t n_parts, const double *mean,
-                                const double *dy_shift, const double *x_coef,
-                                const double *scale, int n_threads,
-                                floating *like) noexcept nogil:
-    cdef Py_ssize_t task, c, p
-    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
-        c = task // n_parts
-        p = task % n_parts
-        planar_grad_input(dy, y, x, dx, g_out, c, n_spatial, part_start(p, n_parts, count),
-                          part_start(p + 1, n_parts, count), mean[c], dy_shift[c],
-                          x_coef[c], scale[c], like)
-
-
 cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
                           Py_ssize_t n_channels, const double *mean, const double *scale,
                           const double *shift, int relu, int n_threads,
@@ -505,6 +644,46 @@ cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                         like)
 
 
+cdef inline bint fused_channels(Py_ssize_t n_channels, Py_ssize_t n_spatial,
+                                Py_ssize_t count, Py_ssize_t itemsize) noexcept nogil:
+    """One task per channel, statistics and element-wise pass back to back:
+    for long runs and enough channels to keep the threads busy."""
+    return not short_runs(n_spatial, itemsize) and planar_parts(n_channels, count) == 1
+
+
+cdef inline Py_ssize_t planar_scratch(Py_ssize_t n_batch, Py_ssize_t n_channels,
+                                      Py_ssize_t n_spatial) noexcept nogil:
+    """Doubles of partial sums planar_statistics and planar_gradient_sums need."""
+    return 2 * n_channels * max(min(n_batch, BATCH_PARTS),
+                                planar_parts(n_channels, n_batch * n_spatial))
+
+
+cdef void planar_statistics(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
+                            Py_ssize_t n_spatial, double *partial, double *mean, double *m2,
+                            int n_threads, floating *like) noexcept nogil:
+    cdef Py_ssize_t count = n_batch * n_spatial
+    if short_runs(n_spatial, sizeof(floating)):
+        runs_moments(x, n_batch, n_channels, n_spatial, partial, mean, m2, n_threads, like)
+    else:
+        planar_moments(x, n_channels, n_spatial, count, planar_parts(n_channels, count),
+                       partial, mean, m2, n_threads, like)
+
+
+cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
+                               Py_ssize_t n_channels, Py_ssize_t n_spatial,
+                               const double *mean, double *partial, double *sum_dy,
+                               double *sum_dy_xmu, int n_threads,
+                               floating *like) noexcept nogil:
+    cdef Py_ssize_t count = n_batch * n_spatial
+    if short_runs(n_spatial, sizeof(floating)):
+        runs_grad_sums_all(dy, y, x, n_batch, n_channels, n_spatial, mean, partial, sum_dy,
+                           sum_dy_xmu, n_threads, like)
+    else:
+        planar_grad_sums_all(dy, y, x, n_channels, n_spatial, count,
+                             planar_parts(n_channels, count), mean, partial, sum_dy,
+                             sum_dy_xmu, n_threads, like)
+
+
 # ---------------------------------------------------------------------------
 # The kernels cybn._api calls.  Optional operands (residual, the forward's
 # output y for the ReLU's backward, grad_residual) may be None.
@@ -515,34 +694,33 @@ def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
                          const floating[:, :, :] residual=None, bint relu=False):
     """out = act((x - mean)*invstd*weight + bias [+ residual]) with the batch
     statistics, which are written to mean, var (biased) and invstd."""
-    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = x.shape[0] * n_spatial
+    cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
+    cdef Py_ssize_t count = n_batch * n_spatial, c
     cdef Planar xv = planar(x), rv = planar(residual), yv = planar(out)
-    cdef Py_ssize_t n_parts = planar_parts(n_channels, count), c
     cdef int n_threads = threads_for(count * n_channels)
     cdef floating *like = NULL
     cdef double *work = NULL
-    if n_parts > 1:
-        work = scratch(n_channels * (2 * n_parts + 1))
+    if fused_channels(n_channels, n_spatial, count, sizeof(floating)):
+        with nogil:
+            # one task per channel: statistics, then y while x is in cache
+            for c in prange(n_channels, schedule='static', num_threads=n_threads):
+                channel_moments(xv, c, n_spatial, count, &mean[c], &var[c], like)
+                var[c] = var[c] / count
+                invstd[c] = 1.0 / sqrt(var[c] + eps)
+                planar_affine(xv, rv, yv, c, n_spatial, 0, count, mean[c],
+                              weight[c] * invstd[c], bias[c], relu, like)
+        return
+    work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + n_channels)
     try:
         with nogil:
-            if n_parts == 1:
-                # one task per channel: statistics, then y while x is in cache
-                for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    channel_moments(xv, c, n_spatial, count, &mean[c], &var[c], like)
-                    var[c] = var[c] / count
-                    invstd[c] = 1.0 / sqrt(var[c] + eps)
-                    planar_affine(xv, rv, yv, c, n_spatial, 0, count, mean[c],
-                                  weight[c] * invstd[c], bias[c], relu, like)
-            else:
-                planar_moments(xv, n_channels, n_spatial, count, n_parts, work, &mean[0],
-                               &var[0], n_threads, like)
-                for c in range(n_channels):
-                    var[c] = var[c] / count
-                    invstd[c] = 1.0 / sqrt(var[c] + eps)
-                    work[c] = weight[c] * invstd[c]
-                planar_affine_all(xv, rv, yv, n_channels, n_spatial, count, n_parts,
-                                  &mean[0], work, &bias[0], relu, n_threads, like)
+            planar_statistics(xv, n_batch, n_channels, n_spatial, work + n_channels, &mean[0],
+                              &var[0], n_threads, like)
+            for c in range(n_channels):
+                var[c] = var[c] / count
+                invstd[c] = 1.0 / sqrt(var[c] + eps)
+                work[c] = weight[c] * invstd[c]
+            runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, &mean[0], work,
+                            &bias[0], relu, n_threads, like)
     finally:
         free(work)
 
@@ -581,43 +759,42 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
     """dx, and the sums behind dbias = sum_dy and dweight = sum_dy_xmu*invstd.
     With relu_output (the forward's y), dy counts only where y > 0, and that
     masked dy is also written to grad_residual when given."""
-    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = x.shape[0] * n_spatial
+    cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
+    cdef Py_ssize_t count = n_batch * n_spatial, c
     cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
     cdef Planar dxv = planar(dx), gv = planar(grad_residual)
-    cdef Py_ssize_t n_parts = planar_parts(n_channels, count), c
     cdef int n_threads = threads_for(count * n_channels)
     cdef double dy_shift, x_coef
     cdef floating *like = NULL
     cdef double *work = NULL
-    if n_parts > 1:
-        work = scratch(n_channels * (2 * n_parts + 3))
+    if fused_channels(n_channels, n_spatial, count, sizeof(floating)):
+        with nogil:
+            # one task per channel: sums, then dx while x and dy are in cache
+            for c in prange(n_channels, schedule='static', num_threads=n_threads):
+                sum_dy[c] = 0.0
+                sum_dy_xmu[c] = 0.0
+                planar_grad_sums(dyv, yv, xv, c, n_spatial, 0, count, mean[c], &sum_dy[c],
+                                 &sum_dy_xmu[c], like)
+                dy_shift = 0.0
+                x_coef = 0.0
+                if training:
+                    training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count,
+                                               &dy_shift, &x_coef)
+                planar_grad_input(dyv, yv, xv, dxv, gv, c, n_spatial, 0, count, mean[c],
+                                  dy_shift, x_coef, weight[c] * invstd[c], like)
+        return
+    work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + 3 * n_channels)
     try:
         with nogil:
-            if n_parts == 1:
-                # one task per channel: sums, then dx while x and dy are in cache
-                for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    sum_dy[c] = 0.0
-                    sum_dy_xmu[c] = 0.0
-                    planar_grad_sums(dyv, yv, xv, c, n_spatial, 0, count, mean[c],
-                                     &sum_dy[c], &sum_dy_xmu[c], like)
-                    dy_shift = 0.0
-                    x_coef = 0.0
-                    if training:
-                        training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c],
-                                                   count, &dy_shift, &x_coef)
-                    planar_grad_input(dyv, yv, xv, dxv, gv, c, n_spatial, 0, count, mean[c],
-                                      dy_shift, x_coef, weight[c] * invstd[c], like)
-            else:
-                planar_grad_sums_all(dyv, yv, xv, n_channels, n_spatial, count, n_parts,
-                                     &mean[0], work, &sum_dy[0], &sum_dy_xmu[0], n_threads,
-                                     like)
-                grad_coefficients(n_channels, count, training, &sum_dy[0], &sum_dy_xmu[0],
-                                  &invstd[0], &weight[0], work, work + n_channels,
-                                  work + 2 * n_channels)
-                planar_grad_input_all(dyv, yv, xv, dxv, gv, n_channels, n_spatial, count,
-                                      n_parts, &mean[0], work, work + n_channels,
-                                      work + 2 * n_channels, n_threads, like)
+            planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, &mean[0],
+                                 work + 3 * n_channels, &sum_dy[0], &sum_dy_xmu[0],
+                                 n_threads, like)
+            grad_coefficients(n_channels, count, training, &sum_dy[0], &sum_dy_xmu[0],
+                              &invstd[0], &weight[0], work, work + n_channels,
+                              work + 2 * n_channels)
+            runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial,
+                                &mean[0], work, work + n_channels, work + 2 * n_channels,
+                                n_threads, like)
     finally:
         free(work)
 
@@ -673,16 +850,14 @@ def update_running(floating[::1] running_mean, floating[::1] running_var,
 # gradient sums across processes between the steps.
 
 def moments_planar(const floating[:, :, :] x, double[::1] mean, double[::1] m2):
-    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = x.shape[0] * n_spatial
-    cdef Py_ssize_t n_parts = planar_parts(n_channels, count)
+    cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
     cdef Planar xv = planar(x)
     cdef floating *like = NULL
-    cdef double *work = scratch(2 * n_channels * n_parts)
+    cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial))
     try:
         with nogil:
-            planar_moments(xv, n_channels, n_spatial, count, n_parts, work, &mean[0],
-                           &m2[0], threads_for(count * n_channels), like)
+            planar_statistics(xv, n_batch, n_channels, n_spatial, work, &mean[0], &m2[0],
+                              threads_for(n_batch * n_channels * n_spatial), like)
     finally:
         free(work)
 
@@ -705,14 +880,12 @@ def affine_planar(const floating[:, :, :] x, floating[:, :, :] out,
                   const double[::1] mean, const double[::1] scale, const double[::1] shift,
                   const floating[:, :, :] residual=None, bint relu=False):
     """out = act((x - mean)*scale + shift [+ residual]), per channel."""
-    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = x.shape[0] * n_spatial
     cdef Planar xv = planar(x), rv = planar(residual), yv = planar(out)
     cdef floating *like = NULL
     with nogil:
-        planar_affine_all(xv, rv, yv, n_channels, n_spatial, count,
-                          planar_parts(n_channels, count), &mean[0], &scale[0], &shift[0],
-                          relu, threads_for(count * n_channels), like)
+        runs_affine_all(xv, rv, yv, x.shape[0], x.shape[1], x.shape[2], &mean[0], &scale[0],
+                        &shift[0], relu, threads_for(x.shape[0] * x.shape[1] * x.shape[2]),
+                        like)
 
 
 def affine_rows(const floating[:, :] x, floating[:, :] out, const double[::1] mean,
@@ -728,17 +901,15 @@ def affine_rows(const floating[:, :] x, floating[:, :] out, const double[::1] me
 def grad_sums_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
                      const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu,
                      const floating[:, :, :] relu_output=None):
-    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = x.shape[0] * n_spatial
-    cdef Py_ssize_t n_parts = planar_parts(n_channels, count)
+    cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
     cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
     cdef floating *like = NULL
-    cdef double *work = scratch(2 * n_channels * n_parts)
+    cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial))
     try:
         with nogil:
-            planar_grad_sums_all(dyv, yv, xv, n_channels, n_spatial, count, n_parts,
-                                 &mean[0], work, &sum_dy[0], &sum_dy_xmu[0],
-                                 threads_for(count * n_channels), like)
+            planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, &mean[0], work,
+                                 &sum_dy[0], &sum_dy_xmu[0],
+                                 threads_for(n_batch * n_channels * n_spatial), like)
     finally:
         free(work)
 
@@ -767,15 +938,13 @@ def grad_input_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
                       floating[:, :, :] grad_residual=None):
     """dx = ((g - dy_shift) - (x - mean)*x_coef)*scale per channel, g = dy
     (masked by relu_output > 0 when given, and then kept in grad_residual)."""
-    cdef Py_ssize_t n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = x.shape[0] * n_spatial
     cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
     cdef Planar dxv = planar(dx), gv = planar(grad_residual)
     cdef floating *like = NULL
     with nogil:
-        planar_grad_input_all(dyv, yv, xv, dxv, gv, n_channels, n_spatial, count,
-                              planar_parts(n_channels, count), &mean[0], &dy_shift[0],
-                              &x_coef[0], &scale[0], threads_for(count * n_channels), like)
+        runs_grad_input_all(dyv, yv, xv, dxv, gv, x.shape[0], x.shape[1], x.shape[2],
+                            &mean[0], &dy_shift[0], &x_coef[0], &scale[0],
+                            threads_for(x.shape[0] * x.shape[1] * x.shape[2]), like)
 
 
 def grad_input_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :] dx,

@@ -81,6 +81,30 @@ CYBN_INLINE double lanes_total(const cybn_v8d *v) /* a pointer: no vector ABI */
         }                                                                            \
     }
 
+/* A planar operand for the memory-order functions: strides in elements; data
+ * is NULL for an absent optional operand. */
+typedef struct {
+    char *data;
+    Py_ssize_t batch_stride;
+    Py_ssize_t channel_stride;
+} cybn_planar;
+
+/* Walk the runs [run_begin, run_end) of a planar array in memory order: run
+ * t is that of batch N = t / n_channels and channel C = t % n_channels. */
+#define CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, N, C, ...)            \
+    {                                                                                \
+        Py_ssize_t N = (run_begin) / (n_channels), C = (run_begin) - N * (n_channels); \
+        for (Py_ssize_t t_ = (run_begin); t_ < (run_end); t_++) {                    \
+            __VA_ARGS__;                                                             \
+            if (++C == (n_channels)) {                                               \
+                C = 0;                                                               \
+                N++;                                                                 \
+            }                                                                        \
+        }                                                                            \
+    }
+
+#define CYBN_AT(T, v, n, c) ((T *)(v).data + (n) * (v).batch_stride + (c) * (v).channel_stride)
+
 #define CYBN_DEFINE_LOOPS(T, SUFFIX)                                                  \
                                                                                       \
 /* Sums over one contiguous run, into accumulators that the caller carries   \
@@ -257,6 +281,94 @@ static CYBN_DISPATCH void cybn_planar_grad_input_##SUFFIX(                      
         else                                                                          \
             grad_input_run_##SUFFIX(g, m, v, out, keep, len, mean, dy_shift, x_coef,  \
                                     scale, 0, 0);                                     \
+    })                                                                                \
+}                                                                                     \
+                                                                                      \
+/* ---- planar in memory order: whole runs [run_begin, run_end), for short       \
+ * runs (small H x W), where walking a channel's runs apart would defeat the     \
+ * hardware prefetcher.  Sums go to per-channel arrays, each run's sum added     \
+ * in run order. ---- */                                                          \
+                                                                                      \
+static CYBN_DISPATCH void cybn_runs_sums_##SUFFIX(                                    \
+    cybn_planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t run_begin, \
+    Py_ssize_t run_end, const double *restrict shift, double *restrict sum,           \
+    double *restrict sumsq)                                                           \
+{                                                                                     \
+    CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
+        cybn_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                              \
+        double ts = 0.0, tq = 0.0;                                                    \
+        shifted_sums_run_##SUFFIX(CYBN_AT(T, x, n, c), n_spatial, shift[c], &s0, &s1, \
+                                  &q0, &q1, &ts, &tq);                                \
+        s0 += s1;                                                                     \
+        q0 += q1;                                                                     \
+        sum[c] += lanes_total(&s0) + ts;                                              \
+        sumsq[c] += lanes_total(&q0) + tq;                                            \
+    })                                                                                \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_runs_grad_sums_##SUFFIX(                               \
+    cybn_planar dy, cybn_planar y, cybn_planar x, Py_ssize_t n_channels,              \
+    Py_ssize_t n_spatial, Py_ssize_t run_begin, Py_ssize_t run_end,                   \
+    const double *restrict mean, double *restrict sum_dy,                             \
+    double *restrict sum_dy_xmu)                                                      \
+{                                                                                     \
+    CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
+        cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                              \
+        double ts = 0.0, tp = 0.0;                                                    \
+        const T *g = CYBN_AT(T, dy, n, c), *v = CYBN_AT(T, x, n, c);                  \
+        if (y.data)                                                                   \
+            grad_sums_run_##SUFFIX(g, CYBN_AT(T, y, n, c), v, n_spatial, mean[c], &s0, \
+                                   &s1, &p0, &p1, &ts, &tp, 1);                       \
+        else                                                                          \
+            grad_sums_run_##SUFFIX(g, g, v, n_spatial, mean[c], &s0, &s1, &p0, &p1,   \
+                                   &ts, &tp, 0);                                      \
+        s0 += s1;                                                                     \
+        p0 += p1;                                                                     \
+        sum_dy[c] += lanes_total(&s0) + ts;                                           \
+        sum_dy_xmu[c] += lanes_total(&p0) + tp;                                       \
+    })                                                                                \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_runs_affine_##SUFFIX(                                  \
+    cybn_planar x, cybn_planar res, cybn_planar y, Py_ssize_t n_channels,             \
+    Py_ssize_t n_spatial, Py_ssize_t run_begin, Py_ssize_t run_end,                   \
+    const double *mean, const double *scale, const double *shift, int relu)           \
+{                                                                                     \
+    CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
+        const T *in = CYBN_AT(T, x, n, c);                                            \
+        const T *r = res.data ? CYBN_AT(T, res, n, c) : in;                           \
+        T *out = CYBN_AT(T, y, n, c);                                                 \
+        if (res.data && relu)                                                         \
+            affine_run_##SUFFIX(in, r, out, n_spatial, mean[c], scale[c], shift[c], 1, 1); \
+        else if (res.data)                                                            \
+            affine_run_##SUFFIX(in, r, out, n_spatial, mean[c], scale[c], shift[c], 1, 0); \
+        else if (relu)                                                                \
+            affine_run_##SUFFIX(in, r, out, n_spatial, mean[c], scale[c], shift[c], 0, 1); \
+        else                                                                          \
+            affine_run_##SUFFIX(in, r, out, n_spatial, mean[c], scale[c], shift[c], 0, 0); \
+    })                                                                                \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_runs_grad_input_##SUFFIX(                              \
+    cybn_planar dy, cybn_planar y, cybn_planar x, cybn_planar dx, cybn_planar g_out,  \
+    Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t run_begin,                \
+    Py_ssize_t run_end, const double *mean, const double *dy_shift,                   \
+    const double *x_coef, const double *scale)                                        \
+{                                                                                     \
+    CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
+        const T *g = CYBN_AT(T, dy, n, c), *v = CYBN_AT(T, x, n, c);                  \
+        const T *m = y.data ? CYBN_AT(T, y, n, c) : g;                                \
+        T *out = CYBN_AT(T, dx, n, c);                                                \
+        T *keep = g_out.data ? CYBN_AT(T, g_out, n, c) : out;                         \
+        if (y.data && g_out.data)                                                     \
+            grad_input_run_##SUFFIX(g, m, v, out, keep, n_spatial, mean[c], dy_shift[c], \
+                                    x_coef[c], scale[c], 1, 1);                       \
+        else if (y.data)                                                              \
+            grad_input_run_##SUFFIX(g, m, v, out, keep, n_spatial, mean[c], dy_shift[c], \
+                                    x_coef[c], scale[c], 1, 0);                       \
+        else                                                                          \
+            grad_input_run_##SUFFIX(g, m, v, out, keep, n_spatial, mean[c], dy_shift[c], \
+                                    x_coef[c], scale[c], 0, 0);                       \
     })                                                                                \
 }                                                                                     \
                                                                                       \

@@ -15,11 +15,11 @@ outputs on both sides:
     backward  cybn.backward(training) vs  aten.native_batch_norm_backward
 
 PyTorch's time is the faster of its default call (which allocates) and its
-`.out` overload.  Times are the minimum (and median) over interleaved
-repetitions after warm-up; small tensors are timed in batches of calls so that
-one repetition lasts at least a few milliseconds.  cybn and PyTorch run with
-the same number of OpenMP threads (threadpoolctl for cybn, torch.set_num_threads
-for PyTorch).
+`.out` overload, called under torch.inference_mode.  Times are the minimum
+(and median) over interleaved repetitions after warm-up; small tensors are
+timed in batches of calls so that one repetition lasts at least a few
+milliseconds.  cybn and PyTorch run with the same number of OpenMP threads
+(threadpoolctl for cybn, torch.set_num_threads for PyTorch).
 
 "fraction of the limit" is the effective bandwidth (the bytes an operation
 must move at least: x and y for the forwards, x, dy and dx for backward,
@@ -32,6 +32,7 @@ project's performance goals.
 """
 import argparse
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -173,19 +174,20 @@ def available_cores():
         return os.cpu_count() or 1
 
 
-def _version(module_name):
+def _version(distribution):
+    """Installed version of a distribution, without importing it."""
     try:
-        module = __import__(module_name)
-    except Exception:  # noqa: BLE001 - any import failure means "absent"
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return getattr(module, "__version__", "unknown")
 
 
-def machine_info(threads, torch_threads):
+def machine_info(threads, torch, torch_threads):
     try:
         load = round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         load = None
+    torch_version = torch.__version__ if torch is not None else None
     return {
         "cpu": _cpu_model(),
         "last_level_cache": _last_level_cache(),
@@ -199,7 +201,7 @@ def machine_info(threads, torch_threads):
         "python": platform.python_version(),
         "numpy": np.__version__,
         "cybn": cybn.__version__,
-        "torch": _version("torch"),
+        "torch": torch_version,
         "threadpoolctl": _version("threadpoolctl"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
@@ -207,7 +209,7 @@ def machine_info(threads, torch_threads):
 
 def machine_line(info):
     torch_part = (f"torch {info['torch']} ({info['torch_threads']} threads)"
-                  if info["torch"] else "torch not installed")
+                  if info["torch"] else "torch not used")
     load = "" if info["load_average_1min"] is None else f" | load {info['load_average_1min']}"
     cache = f" ({info['last_level_cache']})" if info["last_level_cache"] else ""
     return (f"{info['cpu']}{cache} | {info['cores_available']} of {info['cores']} cores"
@@ -404,7 +406,7 @@ def bytes_moved(op, nbytes):
 # The run.
 
 def run(shapes, dtypes, threads, reps, warmup, min_time, use_torch=True, numpy_limit=None,
-        progress=None):
+        bandwidth_mib=256, progress=None):
     """Measure every shape and dtype; returns the result dict that --json writes.
 
     numpy_limit: time the NumPy reference on shapes with at most this many
@@ -413,8 +415,8 @@ def run(shapes, dtypes, threads, reps, warmup, min_time, use_torch=True, numpy_l
     torch = _import_torch() if use_torch else None
     limits = _set_threads(threads, torch)
     try:
-        info = machine_info(threads, torch.get_num_threads() if torch else None)
-        bandwidth = measure_bandwidth(threads)
+        info = machine_info(threads, torch, torch.get_num_threads() if torch else None)
+        bandwidth = measure_bandwidth(threads, mib=bandwidth_mib)
         rows = []
         for dtype in dtypes:
             for shape in shapes:
@@ -579,7 +581,8 @@ def check_targets(rows, threads, have_torch):
         known = [r for r in mine if r["set"] != "custom"]  # the issue's shapes
         sized = [r for r in known if r["set"] != "overhead"]
         for op in ("train", "backward"):
-            name = f"{op} vs torch: ResNet-50 geomean >= {TARGET_GEOMEAN:g}x, none < {TARGET_MIN:g}x"
+            name = (f"{op} vs torch: ResNet-50 geomean >= {TARGET_GEOMEAN:g}x, "
+                    f"none < {TARGET_MIN:g}x")
             sel = [r for r in resnet if r["op"] == op]
             if not have_torch or not sel:
                 targets.append(_target(name, dtype, None, _why_not(have_torch, sel)))
@@ -598,7 +601,8 @@ def check_targets(rows, threads, have_torch):
                                    f"lowest {low:.2f}x at {where}", low, TARGET_EVAL))
         else:
             targets.append(_target(name, dtype, None, _why_not(have_torch, sel)))
-        for op, bound in (("train", TARGET_TRAIN_OVER_EVAL), ("backward", TARGET_BACKWARD_OVER_EVAL)):
+        for op, bound in (("train", TARGET_TRAIN_OVER_EVAL),
+                          ("backward", TARGET_BACKWARD_OVER_EVAL)):
             name = f"{op} time <= {bound:g} x cybn eval time (every shape but the overhead case)"
             sel = [r for r in sized if r["op"] == op]
             if sel:
@@ -646,7 +650,8 @@ def _time_text(seconds):
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if seconds >= scale or unit == "us":
             v = seconds / scale
-            return f"{v:.2f} {unit}" if v < 10 else f"{v:.1f} {unit}" if v < 100 else f"{v:.0f} {unit}"
+            digits = 2 if v < 10 else 1 if v < 100 else 0
+            return f"{v:.{digits}f} {unit}"
     return None  # unreachable
 
 
@@ -701,6 +706,17 @@ def format_report(result):
         "limit: that over the copy bandwidth; /eval: time over cybn eval's; "
         "extra mem: peak allocation during a call with out= given",
     ]
+    load = info["load_average_1min"]
+    if load is not None and load >= 0.5 * info["cores_available"]:
+        out.append(f"warning: the 1-minute load average was {load} on "
+                   f"{info['cores_available']} cores at the start: other work is running, "
+                   "and timings with several threads suffer most")
+    rows = result["results"]
+    noisy = [r for r in rows if r["cybn"]["median"] > 1.25 * r["cybn"]["min"]
+             or (r["torch"] and r["torch"]["median"] > 1.25 * r["torch"]["min"])]
+    if len(noisy) * 4 > len(rows):
+        out.append(f"warning: {len(noisy)} of {len(rows)} rows have a median over 1.25x "
+                   "their minimum: the machine is noisy")
     width = sum(w for _, w, _ in COLUMNS) + 2 * (len(COLUMNS) - 1)
     for dtype in settings["dtypes"]:
         rows = [r for r in result["results"] if r["dtype"] == dtype]
@@ -745,7 +761,8 @@ def write_png(result, path):
 
     rows = result["results"]
     if any(r["speedup_torch"] is not None for r in rows):
-        key, label, lines = "speedup_torch", "speed-up over PyTorch", (1.0, TARGET_MIN, TARGET_GEOMEAN)
+        key, label = "speedup_torch", "speed-up over PyTorch"
+        lines = (1.0, TARGET_MIN, TARGET_GEOMEAN)
     elif any(r["speedup_numpy"] is not None for r in rows):
         key, label, lines = "speedup_numpy", "speed-up over NumPy reference", (1.0,)
     else:
@@ -804,6 +821,9 @@ def _parser():
                    help="timed repetitions (default 7, --quick 3)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls before timing (default 2, --quick 1)")
+    p.add_argument("--bandwidth-mib", type=int, default=256, metavar="MIB",
+                   help="size of the streaming copy that measures the bandwidth limit "
+                        "(default 256; keep it well above the last-level cache)")
     p.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     p.add_argument("--no-numpy", action="store_true", help="do not time the NumPy reference")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -819,8 +839,9 @@ def main(argv=None):
         raise SystemExit("cybn.bench: --threads must be at least 1")
     reps = args.reps if args.reps is not None else (3 if args.quick else 7)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    if reps < 1 or warmup < 0:
-        raise SystemExit("cybn.bench: --reps must be at least 1 and --warmup at least 0")
+    if reps < 1 or warmup < 0 or args.bandwidth_mib < 1:
+        raise SystemExit("cybn.bench: --reps and --bandwidth-mib must be at least 1, "
+                         "--warmup at least 0")
     min_time = 0.002 if args.quick else 0.01
     if args.shapes is not None:
         shapes = args.shapes
@@ -841,7 +862,8 @@ def main(argv=None):
             print(f"  measuring {text} ...", file=sys.stderr, flush=True)
 
     result = run(shapes, dtypes, threads, reps, warmup, min_time,
-                 use_torch=not args.no_torch, numpy_limit=numpy_limit, progress=progress)
+                 use_torch=not args.no_torch, numpy_limit=numpy_limit,
+                 bandwidth_mib=args.bandwidth_mib, progress=progress)
     result["settings"]["quick"] = bool(args.quick)
     print(format_report(result), flush=True)
     if args.json:

@@ -11,7 +11,8 @@ from conftest import random_batch
 
 # Big enough to run in parallel (the kernels stay serial below 2**15 values);
 # channel counts that do not divide evenly among threads.
-SHAPES = [(8, 13, 20, 20), (4096, 67), (64, 130, 1, 1), (6, 3, 40, 40)]
+SHAPES = [(8, 13, 20, 20), (4096, 67), (64, 130, 1, 1), (6, 3, 40, 40), (4, 5, 128, 128),
+          (8, 80, 40, 40)]
 
 
 def _all_results(x, dy):
