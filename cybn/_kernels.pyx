@@ -133,16 +133,21 @@ cdef extern from "_loops.h" nogil:
         const double *scale)
 
 
-# Below this many values a parallel region costs more than it saves.
-cdef Py_ssize_t SERIAL_BELOW = 1 << 15
+# Below this many values a parallel region costs more than it saves (and
+# idle OpenMP threads spinning after it would compete with a BLAS pool).
+cdef Py_ssize_t SERIAL_BELOW = 1 << 17
 # Planar data with fewer channels than this is cut into parts per channel,
 # each of at least PART_MIN values, so that many threads have work.
 cdef Py_ssize_t MIN_TASKS = 64
 cdef Py_ssize_t PART_MIN = 1 << 14
-# Planar runs shorter than this (small H x W) are walked in memory order,
-# batch by batch, so that the hardware prefetcher sees one stream; the
-# statistics then need BATCH_PARTS ranges of the batch, 2 x C sums each.
+# Planar runs shorter than SHORT_RUN_BYTES (small H x W) in tensors larger
+# than CACHED_BYTES (likely not in the last-level cache) are walked in memory
+# order, batch by batch, so that the hardware prefetcher sees one stream
+# instead of a jump every few cache lines; the statistics then need
+# BATCH_PARTS ranges of the batch, 2 x C sums each.  Smaller tensors take the
+# per-channel path, whose sums carry across runs at no cost per run.
 cdef Py_ssize_t SHORT_RUN_BYTES = 2048
+cdef Py_ssize_t CACHED_BYTES = 32 << 20
 cdef Py_ssize_t BATCH_PARTS = 16
 # Element-wise passes in memory order take chunks of about this many values.
 cdef Py_ssize_t CHUNK_VALUES = 1 << 14
@@ -173,8 +178,9 @@ cdef inline Py_ssize_t planar_parts(Py_ssize_t n_channels, Py_ssize_t count) noe
     return max(1, min((MIN_TASKS + n_channels - 1) // n_channels, count // PART_MIN))
 
 
-cdef inline bint short_runs(Py_ssize_t n_spatial, Py_ssize_t itemsize) noexcept nogil:
-    return n_spatial * itemsize < SHORT_RUN_BYTES
+cdef inline bint short_runs(Py_ssize_t n_values, Py_ssize_t n_spatial,
+                            Py_ssize_t itemsize) noexcept nogil:
+    return n_spatial * itemsize < SHORT_RUN_BYTES and n_values * itemsize > CACHED_BYTES
 
 
 cdef inline Py_ssize_t rows_parts(Py_ssize_t n_rows) noexcept nogil:
@@ -648,7 +654,8 @@ cdef inline bint fused_channels(Py_ssize_t n_channels, Py_ssize_t n_spatial,
                                 Py_ssize_t count, Py_ssize_t itemsize) noexcept nogil:
     """One task per channel, statistics and element-wise pass back to back:
     for long runs and enough channels to keep the threads busy."""
-    return not short_runs(n_spatial, itemsize) and planar_parts(n_channels, count) == 1
+    return (not short_runs(count * n_channels, n_spatial, itemsize)
+            and planar_parts(n_channels, count) == 1)
 
 
 cdef inline Py_ssize_t planar_scratch(Py_ssize_t n_batch, Py_ssize_t n_channels,
@@ -662,7 +669,7 @@ cdef void planar_statistics(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
                             Py_ssize_t n_spatial, double *partial, double *mean, double *m2,
                             int n_threads, floating *like) noexcept nogil:
     cdef Py_ssize_t count = n_batch * n_spatial
-    if short_runs(n_spatial, sizeof(floating)):
+    if short_runs(count * n_channels, n_spatial, sizeof(floating)):
         runs_moments(x, n_batch, n_channels, n_spatial, partial, mean, m2, n_threads, like)
     else:
         planar_moments(x, n_channels, n_spatial, count, planar_parts(n_channels, count),
@@ -675,7 +682,7 @@ cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch
                                double *sum_dy_xmu, int n_threads,
                                floating *like) noexcept nogil:
     cdef Py_ssize_t count = n_batch * n_spatial
-    if short_runs(n_spatial, sizeof(floating)):
+    if short_runs(count * n_channels, n_spatial, sizeof(floating)):
         runs_grad_sums_all(dy, y, x, n_batch, n_channels, n_spatial, mean, partial, sum_dy,
                            sum_dy_xmu, n_threads, like)
     else:

@@ -1,9 +1,10 @@
 """Train a small NumPy CNN on scikit-learn's handwritten digits, with and without cybn.
 
 The network is written in plain NumPy (im2col convolutions, ReLU, max pooling,
-a linear classifier, softmax cross-entropy, SGD with momentum). The only thing
-that changes between runs is whether a ``cybn.BatchNorm2d`` layer follows each
-convolution, the learning rate, and how the weights are initialised:
+a linear classifier, softmax cross-entropy, SGD with momentum and a cosine
+learning-rate decay). The only things that change between runs are whether a
+``cybn.BatchNorm2d`` layer follows each convolution, the learning rate, and
+how the weights are initialised:
 
     conv3x3(1->16) -> [BN] -> ReLU -> maxpool2   8x8 -> 4x4
     conv3x3(16->32) -> [BN] -> ReLU -> maxpool2  4x4 -> 2x2
@@ -11,8 +12,8 @@ convolution, the learning rate, and how the weights are initialised:
 
 Six runs are compared side by side:
 
-* a normal learning rate (0.05),
-* a large learning rate (0.3),
+* a normal peak learning rate (0.05),
+* a large peak learning rate (0.3),
 * a badly scaled initialisation (convolution weights 10x larger than He
   initialisation), at the normal learning rate,
 
@@ -29,8 +30,6 @@ Usage::
 
 Needs: numpy, cybn, scikit-learn, matplotlib, tqdm.
 """
-
-from __future__ import annotations
 
 import argparse
 import os
@@ -88,7 +87,8 @@ def conv_forward(x, w, b=None):
     out = cols @ w.reshape(f, -1).T                      # (N*H*W, F)
     if b is not None:
         out += b
-    # Back to NCHW, contiguous, because that is the layout BatchNorm2d expects.
+    # Back to NCHW. Made C-contiguous here because cybn's kernels work on
+    # contiguous memory and would otherwise make the copy themselves.
     out = np.ascontiguousarray(out.reshape(n, h, wd, f).transpose(0, 3, 1, 2))
     return out, (x.shape, cols, w)
 
@@ -227,7 +227,7 @@ class DigitsNet:
             dh = maxpool_backward(dh, pool_c)
             dh = relu_backward(dh, relu_c)
             if self.use_bn:
-                dh = self.bns[i].backward(np.ascontiguousarray(dh))
+                dh = self.bns[i].backward(dh)
             dh, dw, db = conv_backward(dh, conv_c)
             grads[f"conv{i + 1}.w"] = dw
             if not self.use_bn:
@@ -251,13 +251,26 @@ class DigitsNet:
             bn.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
+def cosine_lr(peak, step, total_steps):
+    """Learning rate at ``step``: a half cosine from ``peak`` down to 0.
+
+    With a constant rate the runs at a high rate end wherever their last noisy
+    step left them; decaying it lets every run settle, so the final numbers
+    compare the configurations rather than the luck of the last batch.
+    """
+    return peak * 0.5 * (1.0 + np.cos(np.pi * step / total_steps))
+
+
 class SGD:
-    """SGD with (heavy-ball) momentum for the NumPy params and the BN layers."""
+    """SGD with (heavy-ball) momentum for the NumPy params and the BN layers.
+
+    ``lr`` is a plain attribute so the training loop can schedule it.
+    """
 
     def __init__(self, model, lr, momentum=0.9):
         self.model, self.lr, self.momentum = model, lr, momentum
         self.velocity = {k: np.zeros_like(v) for k, v in model.params.items()}
-        for i, bn in enumerate(model.bns):
+        for i, bn in enumerate(model.bns, start=1):
             self.velocity[f"bn{i}.weight"] = np.zeros_like(bn.weight)
             self.velocity[f"bn{i}.bias"] = np.zeros_like(bn.bias)
 
@@ -270,7 +283,7 @@ class SGD:
     def step(self, grads):
         for k, g in grads.items():
             self._update(k, self.model.params[k], g)
-        for i, bn in enumerate(self.model.bns):
+        for i, bn in enumerate(self.model.bns, start=1):
             # bn.weight / bn.bias are the layer's own parameter arrays; updating
             # them in place is how a training loop changes a cybn layer.
             self._update(f"bn{i}.weight", bn.weight, bn.grad_weight)
@@ -321,7 +334,8 @@ def train_run(cfg, data, epochs, seed, batch_size, progress=True):
 
     hist = {"train_loss": [], "test_loss": [], "test_acc": []}
     n_batches = -(-len(x_tr) // batch_size)
-    bar = tqdm(total=epochs * n_batches, desc=f"{cfg['name']:<18}", leave=True,
+    total_steps, step = epochs * n_batches, 0
+    bar = tqdm(total=total_steps, desc=f"{cfg['name']:<18}", leave=True,
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     diverged = False
     t0 = time.perf_counter()
@@ -337,7 +351,9 @@ def train_run(cfg, data, epochs, seed, batch_size, progress=True):
                 # Once a weight is inf/NaN nothing can recover; stop early.
                 diverged = True
                 break
+            opt.lr = cosine_lr(cfg["lr"], step, total_steps)
             opt.step(model.backward(dlogits))
+            step += 1
             batch_losses.append(loss)
             bar.update(1)
         if diverged:

@@ -59,7 +59,8 @@ def test_bench_default(tmp_path):
     machine = result["machine"]
     for key in ("cpu", "cores", "threads", "cybn_threads", "python", "numpy", "cybn", "torch"):
         assert key in machine
-    assert machine["threads"] == machine["cybn_threads"] == bench.available_cores()
+    assert machine["threads"] == bench.available_cores()
+    assert machine["cybn_threads"] >= 1  # equal to threads unless built without OpenMP
     assert result["bandwidth"]["gbps"] > 0 and result["bandwidth"]["method"]
     settings = result["settings"]
     assert settings["shapes"] == TINY_SHAPES

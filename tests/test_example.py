@@ -150,7 +150,15 @@ def test_quick_training_run(td, tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
     out = tmp_path / "curves.png"
-    results = td.main(["--quick", "--no-progress", "--seed", "0", "--out", str(out)])
+    # One thread for BLAS and OpenMP: this checks that the example trains, not
+    # threading, and tiny matrices on a busy CI machine are slowest with
+    # several thread pools taking turns on the same cores.
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        from contextlib import nullcontext as threadpool_limits
+    with threadpool_limits(1):
+        results = td.main(["--quick", "--no-progress", "--seed", "0", "--out", str(out)])
 
     assert set(results) == {name for name, *_ in td.RUNS}
     bn = results["BN lr=0.05"]

@@ -84,6 +84,23 @@ def test_backward_matches_reference(shape, training, affine, dtype):
     assert_close(dbias, expected[2], dtype, "dbias")
 
 
+def test_large_tensor_with_short_runs_matches_reference(dtype):
+    """Above 32 MiB, small H x W is walked in memory order: another code path."""
+    x = random_batch((160, 1024, 8, 8), dtype, seed=40, offset=-2.0)
+    dy = random_batch(x.shape, dtype, seed=41)
+    w = np.linspace(0.5, 1.5, 1024)
+    y, mean, invstd = cybn.forward_train(x, w, None, eps=0.1)
+    expected = reference.forward_train(x, w, None, eps=0.1)
+    assert_close(y, expected[0], dtype, "y")
+    assert_close(mean, expected[1], dtype, "mean")
+    assert_close(invstd, expected[2], dtype, "invstd")
+    dx, dw, db = cybn.backward(dy, x, mean, invstd, w)
+    ref = reference.backward(dy, x, mean, invstd, w)
+    assert_close(dx, ref[0], dtype, "dx")
+    assert_close(dw, ref[1], dtype, "dweight")
+    assert_close(db, ref[2], dtype, "dbias")
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (4, 3, 5, 6), (2, 3, 2, 3, 4), (8, 70, 1, 1)], ids=str)
 def test_every_layout_gives_the_same_values(shape, dtype):
     """Fortran, channels-last, negative strides, steps, read-only: all correct."""

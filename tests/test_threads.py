@@ -9,10 +9,12 @@ from threadpoolctl import threadpool_info, threadpool_limits
 import cybn
 from conftest import random_batch
 
-# Big enough to run in parallel (the kernels stay serial below 2**15 values);
-# channel counts that do not divide evenly among threads.
-SHAPES = [(8, 13, 20, 20), (4096, 67), (64, 130, 1, 1), (6, 3, 40, 40), (4, 5, 128, 128),
-          (8, 80, 40, 40)]
+# Big enough to run in parallel (the kernels stay serial below 2**17 values),
+# channel counts that do not divide evenly among threads, and every work
+# split: one task per channel, parts of channels, rows, and (above 32 MiB
+# with short runs) the batch walked in memory order.
+SHAPES = [(8, 13, 40, 40), (4096, 67), (1024, 130, 1, 1), (6, 3, 100, 100), (4, 5, 128, 128),
+          (8, 80, 40, 40), (160, 1024, 8, 8)]
 
 
 def _all_results(x, dy):
