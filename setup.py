@@ -24,6 +24,9 @@ compile_args = [
     # No contraction of a*b+c into fma: results are then the same on every
     # machine and instruction set, not only for every thread count.
     "-ffp-contract=off",
+    # Floating-point compares may be if-converted (the ReLU and its mask
+    # vectorize); cybn never reads the floating-point exception flags.
+    "-fno-trapping-math",
     # The 8-lane vector helpers in _loops.h are always inlined; GCC still
     # warns that their ABI would differ between the target clones.
     "-Wno-psabi",

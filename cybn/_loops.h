@@ -139,12 +139,19 @@ CYBN_INLINE void grad_sums_run_##SUFFIX(const T *dy, const T *y, const T *x,    
 {                                                                                     \
     Py_ssize_t i = 0;                                                                 \
     for (; i + 16 <= n; i += 16) {                                                    \
-        cybn_v8d g0 = load8_##SUFFIX(dy + i), g1 = load8_##SUFFIX(dy + i + 8);        \
-        if (masked)                                                                   \
-            for (int j = 0; j < 8; j++) {                                             \
-                g0[j] = y[i + j] > 0 ? g0[j] : 0.0;                                   \
-                g1[j] = y[i + j + 8] > 0 ? g1[j] : 0.0;                               \
+        cybn_v8d g0, g1;                                                              \
+        if (masked) {                                                                 \
+            T kept[16];                                                               \
+            for (int j = 0; j < 16; j++) {                                            \
+                T d = dy[i + j];                                                      \
+                kept[j] = y[i + j] > 0 ? d : (T)0;                                    \
             }                                                                         \
+            g0 = load8_##SUFFIX(kept);                                                \
+            g1 = load8_##SUFFIX(kept + 8);                                            \
+        } else {                                                                      \
+            g0 = load8_##SUFFIX(dy + i);                                              \
+            g1 = load8_##SUFFIX(dy + i + 8);                                          \
+        }                                                                             \
         *s0 += g0;                                                                    \
         *s1 += g1;                                                                    \
         *p0 += g0 * (load8_##SUFFIX(x + i) - mean);                                   \

@@ -801,6 +801,155 @@ def write_png(result, path):
 # ---------------------------------------------------------------------------
 # Command line.
 
+# ---------------------------------------------------------------------------
+# --fusions: the fused ReLU and residual add, and channels-last data (issue 6)
+
+FUSION_TARGETS = {"fused / plain": 1.1, "separate / fused": 1.5, "channels-last vs torch": 1.5}
+
+
+def _channels_last(a):
+    """a's values in channels-last memory, as an NCHW-shaped view."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def fusion_fns(case):
+    """cybn's fused calls, the plain ones, and the same done with NumPy."""
+    x, dy, out, w, b = case.x, case.dy, case.out, case.weight, case.bias
+    rm, rv = case.running_mean.copy(), case.running_var.copy()
+    residual = np.random.default_rng(1).standard_normal(case.shape).astype(case.dtype)
+    y_relu, mean, invstd = cybn.forward_train(x, w, b, residual=residual, activation="relu")
+    dx, grad_residual, masked = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+
+    def separate_forward():
+        cybn.forward_train(x, w, b, rm, rv, out=out)
+        np.add(out, residual, out=out)
+        np.maximum(out, 0, out=out)
+
+    def separate_backward():
+        np.multiply(dy, y_relu > 0, out=masked)
+        cybn.backward(masked, x, mean, invstd, w, out=dx)
+
+    return {
+        "forward": {
+            "plain": lambda: cybn.forward_train(x, w, b, rm, rv, out=out),
+            "fused": lambda: cybn.forward_train(x, w, b, rm, rv, out=out, residual=residual,
+                                                activation="relu"),
+            "separate": separate_forward,
+        },
+        "backward": {
+            "plain": lambda: cybn.backward(dy, x, mean, invstd, w, out=dx),
+            "fused": lambda: cybn.backward(dy, x, mean, invstd, w, out=dx, activation="relu",
+                                           y=y_relu, grad_residual=grad_residual),
+            "separate": separate_backward,
+        },
+    }
+
+
+def channels_last_fns(case, torch):
+    x, dy = _channels_last(case.x), _channels_last(case.dy)
+    out, w, b = _channels_last(case.out), case.weight, case.bias
+    rm, rv = case.running_mean.copy(), case.running_var.copy()
+    _, mean, invstd = cybn.forward_train(x, w, b)
+    fns = {"train": {"cybn": lambda: cybn.forward_train(x, w, b, rm, rv, out=out)},
+           "backward": {"cybn": lambda: cybn.backward(dy, x, mean, invstd, w, out=out)}}
+    if torch is not None:
+        aten = torch.ops.aten
+        xt, dyt, outt = torch.from_numpy(x), torch.from_numpy(dy), torch.from_numpy(out)
+        assert xt.is_contiguous(memory_format=torch.channels_last)
+        wt, bt = torch.from_numpy(w), torch.from_numpy(b)
+        rmt, rvt = torch.from_numpy(case.running_mean.copy()), torch.from_numpy(rv.copy())
+        c = case.shape[1]
+        save_mean, save_invstd = torch.empty(c, dtype=xt.dtype), torch.empty(c, dtype=xt.dtype)
+        with torch.inference_mode():
+            _, tmean, tinvstd = aten.native_batch_norm(xt, wt, bt, None, None, True, MOMENTUM, EPS)
+        fns["train"]["torch"] = lambda: aten.native_batch_norm(
+            xt, wt, bt, rmt, rvt, True, MOMENTUM, EPS)
+        fns["train"]["torch .out"] = lambda: aten.native_batch_norm.out(
+            xt, wt, bt, rmt, rvt, True, MOMENTUM, EPS, out=outt, save_mean=save_mean,
+            save_invstd=save_invstd)
+        fns["backward"]["torch"] = lambda: aten.native_batch_norm_backward(
+            dyt, xt, wt, rmt, rvt, tmean, tinvstd, True, EPS, [True, True, True])
+    return fns
+
+
+def run_fusions(shapes, dtypes, threads, reps, warmup, min_time, use_torch=True,
+                progress=None):
+    torch = _import_torch() if use_torch else None
+    _set_threads(threads, torch)
+    rows = []
+    for dtype in dtypes:
+        for shape in shapes:
+            if len(shape) != 4:
+                continue
+            if progress:
+                progress(f"fusions {np.dtype(dtype).name} {shape_text(shape)}")
+            case = Case(shape, dtype)
+            row = {"shape": list(shape), "dtype": np.dtype(dtype).name}
+            for op, fns in fusion_fns(case).items():
+                t = {k: v.min for k, v in time_group(fns, reps, warmup, min_time).items()}
+                row[op] = t
+            ctx = torch.inference_mode() if torch is not None else _null_context()
+            with ctx:
+                for op, fns in channels_last_fns(case, torch).items():
+                    t = {k: v.min for k, v in time_group(fns, reps, warmup, min_time).items()}
+                    row["channels_last_" + op] = t
+            rows.append(row)
+    return {"machine": machine_info(threads, torch, threads if torch else None),
+            "rows": rows}
+
+
+class _null_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def format_fusions(result):
+    lines = [machine_line(result["machine"]), "",
+             "fused: y = relu(bn(x) + residual) in one pass (backward: dy masked by y > 0, "
+             "grad_residual written); separate: cybn, then NumPy add/maximum (backward: NumPy "
+             "mask, then cybn); channels-last: NCHW-shaped views of NHWC memory, PyTorch on "
+             "the same memory (channels_last tensors)", ""]
+    header = ["dtype", "shape", "fwd fused/plain", "fwd separate/fused", "bwd fused/plain",
+              "bwd separate/fused", "CL train vs torch", "CL bwd vs torch"]
+    widths = [8, 15] + [len(h) for h in header[2:]]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines.append(line(header))
+    lines.append("-" * len(lines[-1]))
+    ratios = {}
+    for row in result["rows"]:
+        fwd, bwd = row["forward"], row["backward"]
+        cells = {
+            "fwd fused/plain": fwd["fused"] / fwd["plain"],
+            "fwd separate/fused": fwd["separate"] / fwd["fused"],
+            "bwd fused/plain": bwd["fused"] / bwd["plain"],
+            "bwd separate/fused": bwd["separate"] / bwd["fused"],
+        }
+        for op in ("train", "backward"):
+            t = row["channels_last_" + op]
+            torch_times = [v for k, v in t.items() if k.startswith("torch")]
+            key = "CL train vs torch" if op == "train" else "CL bwd vs torch"
+            cells[key] = min(torch_times) / t["cybn"] if torch_times else None
+        if tuple(row["shape"]) in RESNET50_SHAPES:
+            for k, v in cells.items():
+                if v is not None:
+                    ratios.setdefault((row["dtype"], k), []).append(v)
+        lines.append(line([row["dtype"], shape_text(row["shape"])]
+                          + [_ratio_text(cells[h]) for h in header[2:]]))
+    lines += ["", "geometric means over the ResNet-50 shapes measured (targets: fused/plain "
+              "<= 1.1, separate/fused >= 1.5, channels-last vs torch >= 1.5):"]
+    for (dtype, key), values in sorted(ratios.items()):
+        worst = max(values) if "fused/plain" in key else min(values)
+        lines.append(f"  {dtype:8s} {key:20s} {geomean(values):6.2f}  (worst {worst:.2f})")
+    return "\n".join(lines)
+
+
 def _parser():
     p = argparse.ArgumentParser(
         prog="python -m cybn.bench",
@@ -829,6 +978,9 @@ def _parser():
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--png", metavar="PATH", help="write a bar chart of the speed-ups")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--fusions", action="store_true",
+                   help="time the fused ReLU / residual add and channels-last data instead "
+                        "(4-d shapes only)")
     return p
 
 
@@ -861,6 +1013,17 @@ def main(argv=None):
         if not args.quiet:
             print(f"  measuring {text} ...", file=sys.stderr, flush=True)
 
+    if args.fusions:
+        if args.shapes is None:
+            shapes = QUICK_SHAPES if args.quick else RESNET50_SHAPES
+        result = run_fusions(shapes, dtypes, threads, reps, warmup, min_time,
+                             use_torch=not args.no_torch, progress=progress)
+        print(format_fusions(result), flush=True)
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=1)
+                f.write("\n")
+        return 0
     result = run(shapes, dtypes, threads, reps, warmup, min_time,
                  use_torch=not args.no_torch, numpy_limit=numpy_limit,
                  bandwidth_mib=args.bandwidth_mib, progress=progress)

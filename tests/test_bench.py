@@ -155,3 +155,24 @@ def test_benchmarked_calls_compute_batch_norm(dtype):
                 for form, fn in forms.items():
                     np.testing.assert_allclose(fn()[0].numpy(), expected[op], rtol=tol,
                                                atol=tol, err_msg=f"torch {op} {form}")
+
+
+def test_bench_fusions(tmp_path):
+    """--fusions: the fused ReLU/residual and channels-last table (a smoke test)."""
+    json_path = tmp_path / "fusions.json"
+    cmd = [sys.executable, "-m", "cybn.bench", "--fusions", "--shapes", "2x8x4x4,3x16x8x8",
+           "--reps", "2", "--warmup", "1", "--quiet", "--dtype", "float32",
+           "--json", str(json_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for header in ("fwd fused/plain", "bwd separate/fused", "CL train vs torch"):
+        assert header in proc.stdout
+    with open(json_path, encoding="utf-8") as f:
+        result = json.load(f)
+    rows = result["rows"]
+    assert [r["shape"] for r in rows] == [[2, 8, 4, 4], [3, 16, 8, 8]]
+    for row in rows:
+        for op in ("forward", "backward"):
+            assert set(row[op]) == {"plain", "fused", "separate"}
+            assert all(t > 0 for t in row[op].values())
+        assert {"cybn", "torch"} <= set(row["channels_last_train"])

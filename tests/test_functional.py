@@ -99,6 +99,16 @@ def test_large_tensor_with_short_runs_matches_reference(dtype):
     assert_close(dx, ref[0], dtype, "dx")
     assert_close(dw, ref[1], dtype, "dweight")
     assert_close(db, ref[2], dtype, "dbias")
+    # and fused with a residual and a ReLU
+    y, _, _ = cybn.forward_train(x, w, None, eps=0.1, residual=dy, activation="relu")
+    assert_close(y, np.maximum(expected[0] + dy, 0), dtype, "relu(y + residual)")
+    g = np.empty_like(dy)
+    dx, dw, db = cybn.backward(dy, x, mean, invstd, w, activation="relu", y=y, grad_residual=g)
+    masked = dy * (y > 0)
+    np.testing.assert_array_equal(g, masked)
+    ref = reference.backward(masked, x, mean, invstd, w)
+    assert_close(dx, ref[0], dtype, "masked dx")
+    assert_close(dw, ref[1], dtype, "masked dweight")
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (4, 3, 5, 6), (2, 3, 2, 3, 4), (8, 70, 1, 1)], ids=str)
