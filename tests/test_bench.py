@@ -165,7 +165,7 @@ def test_bench_fusions(tmp_path):
            "--json", str(json_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for header in ("fwd fused/plain", "bwd separate/fused", "CL train vs torch"):
+    for header in ("fwd relu/plain", "bwd separate/add+relu", "CL train vs torch"):
         assert header in proc.stdout
     with open(json_path, encoding="utf-8") as f:
         result = json.load(f)
@@ -173,6 +173,6 @@ def test_bench_fusions(tmp_path):
     assert [r["shape"] for r in rows] == [[2, 8, 4, 4], [3, 16, 8, 8]]
     for row in rows:
         for op in ("forward", "backward"):
-            assert set(row[op]) == {"plain", "fused", "separate"}
+            assert set(row[op]) == {"plain", "relu", "add+relu", "separate"}
             assert all(t > 0 for t in row[op].values())
         assert {"cybn", "torch"} <= set(row["channels_last_train"])
