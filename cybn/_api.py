@@ -370,17 +370,10 @@ def forward_eval(x, running_mean, running_var, weight=None, bias=None, *, eps=1e
     """Batch normalization in evaluation mode: y = (x - running_mean) /
     sqrt(running_var + eps) * weight + bias per channel, then `residual`
     added and activation="relu" applied when given.  Returns y."""
-    _check_data(x, "x")
-    axis = _axis(axis, x.ndim)
-    n_channels = x.shape[axis]
-    mean = _vector(running_mean, n_channels, "running_mean")
-    var = _vector(running_var, n_channels, "running_var")
-    weight = _vector(weight, n_channels, "weight", default=1.0)
-    bias = _vector(bias, n_channels, "bias", default=0.0)
+    axis, (mean, var, weight, bias), relu = _affine_arguments(
+        x, axis, (("running_mean", running_mean, None), ("running_var", running_var, None),
+                  ("weight", weight, 1.0), ("bias", bias, 0.0)), residual, activation, out)
     eps = _eps(eps)
-    relu = _activation(activation)
-    _check_optional(residual, "residual", x)
-    _check_out(out, x)
     with np.errstate(divide="ignore", invalid="ignore"):  # IEEE results, as in the kernels
         scale = weight / np.sqrt(var + eps)
     return _affine(x, mean, scale, bias, out, axis, residual, relu)
@@ -391,17 +384,23 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, out=None, axis=1, resi
     """y = (x - mean) * invstd * weight + bias with given per-channel statistics
     (for instance statistics combined across processes), then `residual` and
     activation="relu" as in forward_train.  Returns y."""
+    axis, (mean, invstd, weight, bias), relu = _affine_arguments(
+        x, axis, (("mean", mean, None), ("invstd", invstd, None), ("weight", weight, 1.0),
+                  ("bias", bias, 0.0)), residual, activation, out)
+    return _affine(x, mean, weight * invstd, bias, out, axis, residual, relu)
+
+
+def _affine_arguments(x, axis, vectors, residual, activation, out):
+    """The checks of the element-wise functions: (axis, the per-channel
+    vectors as float64, relu) from (name, value, default) triples."""
     _check_data(x, "x")
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
-    mean = _vector(mean, n_channels, "mean")
-    invstd = _vector(invstd, n_channels, "invstd")
-    weight = _vector(weight, n_channels, "weight", default=1.0)
-    bias = _vector(bias, n_channels, "bias", default=0.0)
+    vectors = [_vector(value, n_channels, name, default) for name, value, default in vectors]
     relu = _activation(activation)
     _check_optional(residual, "residual", x)
     _check_out(out, x)
-    return _affine(x, mean, weight * invstd, bias, out, axis, residual, relu)
+    return axis, vectors, relu
 
 
 def _affine(x, mean, scale, shift, out, axis, residual, relu):

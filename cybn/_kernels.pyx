@@ -402,6 +402,47 @@ cdef inline void runs_grad_input(Planar dy, Planar y, Planar x, Planar dx, Plana
 # 2^-24.  float64 data gets a second pass about the mean (the corrected
 # two-pass algorithm), to keep float64's own precision.
 
+# Partial sums of the parts of a channel are added in part order, so the
+# totals depend on the shape alone.  Layouts: planar tasks keep
+# partial[(c * n_parts + p) * 2 + k] (part_step 2, channel_step 2 * n_parts,
+# second 1); row and batch ranges keep partial[(2 * p + k) * C + c]
+# (part_step 2 * C, channel_step 1, second C); k = 0 for the first sum, 1 for
+# the second.
+
+cdef inline double part_total(const double *first, Py_ssize_t n_parts,
+                              Py_ssize_t part_step) noexcept nogil:
+    cdef double total = 0.0
+    cdef Py_ssize_t p
+    for p in range(n_parts):
+        total = total + first[p * part_step]
+    return total
+
+
+cdef void merge_parts(const double *partial, Py_ssize_t n_channels, Py_ssize_t n_parts,
+                      Py_ssize_t part_step, Py_ssize_t channel_step, Py_ssize_t second,
+                      double *first_total, double *second_total) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(n_channels):
+        first_total[c] = part_total(partial + c * channel_step, n_parts, part_step)
+        second_total[c] = part_total(partial + c * channel_step + second, n_parts, part_step)
+
+
+cdef void finish_moments(const double *partial, Py_ssize_t n_channels, Py_ssize_t n_parts,
+                         Py_ssize_t part_step, Py_ssize_t channel_step, Py_ssize_t second,
+                         double count, bint first_pass, double *mean,
+                         double *m2) noexcept nogil:
+    """mean (on the first pass, from its shift) and M2 from the merged sums of
+    x - shift and (x - shift)^2."""
+    cdef Py_ssize_t c
+    cdef double s, q
+    for c in range(n_channels):
+        s = part_total(partial + c * channel_step, n_parts, part_step)
+        q = part_total(partial + c * channel_step + second, n_parts, part_step)
+        if first_pass:
+            mean[c] = mean[c] + s / count
+        m2[c] = centered_m2(s, q, count)
+
+
 cdef void channel_moments(Planar x, Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
                           double *mean, double *m2, floating *like) noexcept nogil:
     """mean and M2 of one planar channel, in one task."""
@@ -422,7 +463,6 @@ cdef void planar_moments(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
     """mean and M2 of every planar channel, n_parts tasks per channel;
     partial holds 2 * n_channels * n_parts doubles."""
     cdef Py_ssize_t task, c, p, n_passes = 2 if floating is double else 1, pass_
-    cdef double s, q
     for c in range(n_channels):
         mean[c] = channel(x, c, like)[0]  # the first pass's shift
     for pass_ in range(n_passes):
@@ -434,15 +474,8 @@ cdef void planar_moments(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
             planar_sums(x, c, n_spatial, part_start(p, n_parts, count),
                         part_start(p + 1, n_parts, count), mean[c], &partial[2 * task],
                         &partial[2 * task + 1], like)
-        for c in range(n_channels):
-            s = 0.0
-            q = 0.0
-            for p in range(n_parts):
-                s = s + partial[2 * (c * n_parts + p)]
-                q = q + partial[2 * (c * n_parts + p) + 1]
-            if pass_ == 0:
-                mean[c] = mean[c] + s / count
-            m2[c] = centered_m2(s, q, count)
+        finish_moments(partial, n_channels, n_parts, 2, 2 * n_parts, 1, count, pass_ == 0,
+                       mean, m2)
 
 
 cdef void rows_moments(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels, Py_ssize_t n_parts,
@@ -452,7 +485,6 @@ cdef void rows_moments(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels, Py_ssiz
     partial holds 2 * n_parts * n_channels doubles."""
     cdef Py_ssize_t p, c, n_passes = 2 if floating is double else 1, pass_
     cdef double *sums
-    cdef double s, q
     for c in range(n_channels):
         mean[c] = (<floating *>x.data)[c]  # the first pass's shift
     for pass_ in range(n_passes):
@@ -462,15 +494,8 @@ cdef void rows_moments(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels, Py_ssiz
                 sums[c] = 0.0
             rows_sums(x, n_channels, part_start(p, n_parts, n_rows),
                       part_start(p + 1, n_parts, n_rows), mean, sums, sums + n_channels, like)
-        for c in range(n_channels):
-            s = 0.0
-            q = 0.0
-            for p in range(n_parts):
-                s = s + partial[2 * p * n_channels + c]
-                q = q + partial[(2 * p + 1) * n_channels + c]
-            if pass_ == 0:
-                mean[c] = mean[c] + s / n_rows
-            m2[c] = centered_m2(s, q, n_rows)
+        finish_moments(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, n_rows,
+                       pass_ == 0, mean, m2)
 
 
 cdef void planar_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_channels,
@@ -489,12 +514,7 @@ cdef void planar_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_chann
         planar_grad_sums(dy, y, x, c, n_spatial, part_start(p, n_parts, count),
                          part_start(p + 1, n_parts, count), mean[c], &partial[2 * task],
                          &partial[2 * task + 1], like)
-    for c in range(n_channels):
-        sum_dy[c] = 0.0
-        sum_dy_xmu[c] = 0.0
-        for p in range(n_parts):
-            sum_dy[c] = sum_dy[c] + partial[2 * (c * n_parts + p)]
-            sum_dy_xmu[c] = sum_dy_xmu[c] + partial[2 * (c * n_parts + p) + 1]
+    merge_parts(partial, n_channels, n_parts, 2, 2 * n_parts, 1, sum_dy, sum_dy_xmu)
 
 
 cdef void rows_grad_sums_all(Rows dy, Rows y, Rows x, Py_ssize_t n_rows,
@@ -512,12 +532,8 @@ cdef void rows_grad_sums_all(Rows dy, Rows y, Rows x, Py_ssize_t n_rows,
         rows_grad_sums(dy, y, x, n_channels, part_start(p, n_parts, n_rows),
                        part_start(p + 1, n_parts, n_rows), mean, sums, sums + n_channels,
                        like)
-    for c in range(n_channels):
-        sum_dy[c] = 0.0
-        sum_dy_xmu[c] = 0.0
-        for p in range(n_parts):
-            sum_dy[c] = sum_dy[c] + partial[2 * p * n_channels + c]
-            sum_dy_xmu[c] = sum_dy_xmu[c] + partial[(2 * p + 1) * n_channels + c]
+    merge_parts(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, sum_dy,
+                sum_dy_xmu)
 
 
 cdef void runs_moments(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
@@ -527,7 +543,7 @@ cdef void runs_moments(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
     BATCH_PARTS ranges of the batch; partial holds 2 * BATCH_PARTS * C doubles."""
     cdef Py_ssize_t p, c, n_parts = min(n_batch, BATCH_PARTS)
     cdef Py_ssize_t n_passes = 2 if floating is double else 1, pass_
-    cdef double count = <double>n_batch * n_spatial, s, q
+    cdef double count = <double>n_batch * n_spatial
     cdef double *sums
     for c in range(n_channels):
         mean[c] = channel(x, c, like)[0]  # the first pass's shift
@@ -539,15 +555,8 @@ cdef void runs_moments(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
             runs_sums(x, n_channels, n_spatial, part_start(p, n_parts, n_batch) * n_channels,
                       part_start(p + 1, n_parts, n_batch) * n_channels, mean, sums,
                       sums + n_channels, like)
-        for c in range(n_channels):
-            s = 0.0
-            q = 0.0
-            for p in range(n_parts):
-                s = s + partial[2 * p * n_channels + c]
-                q = q + partial[(2 * p + 1) * n_channels + c]
-            if pass_ == 0:
-                mean[c] = mean[c] + s / count
-            m2[c] = centered_m2(s, q, count)
+        finish_moments(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, count,
+                       pass_ == 0, mean, m2)
 
 
 cdef void runs_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
@@ -566,12 +575,8 @@ cdef void runs_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
                        part_start(p, n_parts, n_batch) * n_channels,
                        part_start(p + 1, n_parts, n_batch) * n_channels, mean, sums,
                        sums + n_channels, like)
-    for c in range(n_channels):
-        sum_dy[c] = 0.0
-        sum_dy_xmu[c] = 0.0
-        for p in range(n_parts):
-            sum_dy[c] = sum_dy[c] + partial[2 * p * n_channels + c]
-            sum_dy_xmu[c] = sum_dy_xmu[c] + partial[(2 * p + 1) * n_channels + c]
+    merge_parts(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, sum_dy,
+                sum_dy_xmu)
 
 
 cdef inline Py_ssize_t runs_per_chunk(Py_ssize_t n_spatial) noexcept nogil:

@@ -570,6 +570,14 @@ def _why_not(have_torch, selected):
     return "no such shape in this run" if not selected else "torch is not installed"
 
 
+def _lowest_speedup_target(name, dtype, selected, have_torch, bound):
+    """Passes when every selected row is at least `bound` times faster than torch."""
+    if not (have_torch and selected):
+        return _target(name, dtype, None, _why_not(have_torch, selected))
+    low, where = _worst(selected, "speedup_torch")
+    return _target(name, dtype, low >= bound, f"lowest {low:.2f}x at {where}", low, bound)
+
+
 def check_targets(rows, threads, have_torch):
     """The performance goals of issue 3, judged on the rows measured.
     passed is True, False, or None where this run cannot tell."""
@@ -593,14 +601,9 @@ def check_targets(rows, threads, have_torch):
             targets.append(_target(
                 name, dtype, g >= TARGET_GEOMEAN and low >= TARGET_MIN,
                 f"geomean {g:.2f}x, lowest {low:.2f}x at {where}{note}", g, TARGET_GEOMEAN))
-        name = f"eval vs torch >= {TARGET_EVAL:g}x on every shape"
-        sel = [r for r in known if r["op"] == "eval"]
-        if have_torch and sel:
-            low, where = _worst(sel, "speedup_torch")
-            targets.append(_target(name, dtype, low >= TARGET_EVAL,
-                                   f"lowest {low:.2f}x at {where}", low, TARGET_EVAL))
-        else:
-            targets.append(_target(name, dtype, None, _why_not(have_torch, sel)))
+        targets.append(_lowest_speedup_target(
+            f"eval vs torch >= {TARGET_EVAL:g}x on every shape", dtype,
+            [r for r in known if r["op"] == "eval"], have_torch, TARGET_EVAL))
         for op, bound in (("train", TARGET_TRAIN_OVER_EVAL),
                           ("backward", TARGET_BACKWARD_OVER_EVAL)):
             name = f"{op} time <= {bound:g} x cybn eval time (every shape but the overhead case)"
@@ -611,14 +614,9 @@ def check_targets(rows, threads, have_torch):
                                        f"highest {high:.2f} at {where}", high, bound))
             else:
                 targets.append(_target(name, dtype, None, _why_not(True, sel)))
-        name = f"2-D and 1x1 shapes vs torch >= {TARGET_WIDE:g}x (train, eval, backward)"
-        sel = [r for r in mine if r["set"] == "wide"]
-        if have_torch and sel:
-            low, where = _worst(sel, "speedup_torch")
-            targets.append(_target(name, dtype, low >= TARGET_WIDE,
-                                   f"lowest {low:.2f}x at {where}", low, TARGET_WIDE))
-        else:
-            targets.append(_target(name, dtype, None, _why_not(have_torch, sel)))
+        targets.append(_lowest_speedup_target(
+            f"2-D and 1x1 shapes vs torch >= {TARGET_WIDE:g}x (train, eval, backward)", dtype,
+            [r for r in mine if r["set"] == "wide"], have_torch, TARGET_WIDE))
         name = "per-call overhead at 2x8x4x4 no worse than torch's"
         sel = [r for r in mine if r["set"] == "overhead"]
         if have_torch and sel:

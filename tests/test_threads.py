@@ -51,17 +51,12 @@ def test_results_are_bitwise_identical_for_any_thread_count(shape, dtype):
             assert a.tobytes() == b.tobytes(), f"result {i} differs with {n} threads"
 
 
-def test_python_threads_get_the_serial_results():
-    inputs = [(random_batch(s, np.float32, seed=i), random_batch(s, np.float32, seed=i + 50))
-              for i, s in enumerate(SHAPES * 2)]
-    serial = [_all_results(x, dy) for x, dy in inputs]
-    concurrent = [None] * len(inputs)
-
-    def work(i):
-        for _ in range(3):
-            concurrent[i] = _all_results(*inputs[i])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+def _assert_threads_match_serial(run, n_runs):
+    """run(i) for each i in Python threads at once gives what it gives alone."""
+    serial = [run(i) for i in range(n_runs)]
+    concurrent = [None] * n_runs
+    threads = [threading.Thread(target=lambda i=i: concurrent.__setitem__(i, run(i)))
+               for i in range(n_runs)]
     for t in threads:
         t.start()
     for t in threads:
@@ -69,6 +64,18 @@ def test_python_threads_get_the_serial_results():
     for s, c in zip(serial, concurrent):
         for a, b in zip(s, c):
             assert a.tobytes() == b.tobytes()
+
+
+def test_python_threads_get_the_serial_results():
+    inputs = [(random_batch(s, np.float32, seed=i), random_batch(s, np.float32, seed=i + 50))
+              for i, s in enumerate(SHAPES * 2)]
+
+    def run(i):
+        for _ in range(3):
+            results = _all_results(*inputs[i])
+        return results
+
+    _assert_threads_match_serial(run, len(inputs))
 
 
 def test_gil_is_released_during_a_kernel():
@@ -114,14 +121,4 @@ def test_separate_layers_in_python_threads_match_serial_runs():
             outputs.append(bn.backward(rng.standard_normal(x.shape).astype(np.float32)))
         return outputs + [bn.running_mean, bn.running_var, bn.grad_weight, bn.grad_residual]
 
-    serial = [run(seed) for seed in range(6)]
-    concurrent = [None] * 6
-    threads = [threading.Thread(target=lambda s=seed: concurrent.__setitem__(s, run(s)))
-               for seed in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for s, c in zip(serial, concurrent):
-        for a, b in zip(s, c):
-            assert a.tobytes() == b.tobytes()
+    _assert_threads_match_serial(run, 6)
