@@ -144,3 +144,17 @@ def test_forward_eval_checks():
             cybn.forward_eval(x, np.zeros(3), np.ones(2), out=out)
         with pytest.raises(ValueError, match="x must have 2 to 5 dimensions"):
             cybn.forward_eval(x[0, 0, 0], np.zeros(3), np.ones(3))
+
+
+def test_out_aliasing_weight_or_bias_is_safe(dtype):
+    """Documented: weight and bias are copied before any write, so an out that
+    overlaps them gives the same y (running statistics may not overlap it)."""
+    x = np.random.default_rng(3).standard_normal((3, 4)).astype(dtype)
+    w = np.array([0.5, 1.0, 2.0, 3.0], dtype)
+    b = np.array([0.1, 0.2, 0.3, 0.4], dtype)
+    expected, _, _ = cybn.forward_train(x, w, b)
+    buf = np.zeros((3, 4), dtype)
+    buf[0], buf[1] = w, b
+    y, _, _ = cybn.forward_train(x, buf[0], buf[1], out=buf)
+    assert y is buf
+    np.testing.assert_array_equal(buf, expected)
