@@ -80,6 +80,8 @@ def _vector(v, n_channels, name, default=None):
     Always a copy, so that an output buffer overlapping the caller's array
     cannot change the parameter while a kernel runs.
     """
+    if type(v) is np.ndarray and v.shape == (n_channels,) and v.dtype.kind == "f":
+        return v.astype(np.float64)  # the common case, quickly
     if v is None:
         if default is None:
             raise TypeError(f"{name} is required, got None")
@@ -135,6 +137,8 @@ def _check_optional(a, name, x):
 
 def _axis(axis, ndim):
     """The channel axis as an index in [1, ndim)."""
+    if type(axis) is int and 0 < axis < ndim:  # the common case, quickly
+        return axis
     if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
     if not -ndim <= axis < ndim:
@@ -233,6 +237,38 @@ def _same_view(a, b):
             and a.strides == b.strides and a.shape == b.shape)
 
 
+def _no_copies():
+    pass
+
+
+def _contiguous_plan(inputs, outputs):
+    """_plan's result when every array is C-contiguous and no output overlaps
+    an input other than as the same array (out=x); None otherwise."""
+    for a in inputs:
+        if a is not None and not (a.flags.c_contiguous and a.flags.aligned):
+            return None
+    x = inputs[0]
+    shape = x.shape
+    if len(shape) == 2 or math.prod(shape[2:]) == 1:
+        layout, view_shape = "rows", (-1, shape[1])
+    else:
+        layout, view_shape = "planar", (shape[0], shape[1], -1)
+    out_views, results = [], []
+    for target, allocate in outputs:
+        if target is None:
+            target = np.empty(shape, x.dtype) if allocate else None
+        else:
+            if not (target.flags.c_contiguous and target.flags.aligned):
+                return None
+            for a in inputs:
+                if a is not None and a is not target and np.may_share_memory(target, a):
+                    return None
+        out_views.append(None if target is None else target.reshape(view_shape))
+        results.append(target)
+    views = [None if a is None else a.reshape(view_shape) for a in inputs]
+    return layout, views, out_views, results, _no_copies
+
+
 def _plan(inputs, outputs):
     """Views for one kernel call.
 
@@ -243,6 +279,9 @@ def _plan(inputs, outputs):
     finish() moves values to a target the kernel could not write directly (a
     layout the kernels cannot read, or a partial overlap with an input).
     """
+    plan = _contiguous_plan(inputs, outputs)
+    if plan is not None:
+        return plan
     x = inputs[0]
     for layout in _preferred_layouts(x):
         views = [None if a is None else _kernel_view(a, layout) for a in inputs]
@@ -373,10 +412,8 @@ def forward_eval(x, running_mean, running_var, weight=None, bias=None, *, eps=1e
     axis, (mean, var, weight, bias), relu = _affine_arguments(
         x, axis, (("running_mean", running_mean, None), ("running_var", running_var, None),
                   ("weight", weight, 1.0), ("bias", bias, 0.0)), residual, activation, out)
-    eps = _eps(eps)
-    with np.errstate(divide="ignore", invalid="ignore"):  # IEEE results, as in the kernels
-        scale = weight / np.sqrt(var + eps)
-    return _affine(x, mean, scale, bias, out, axis, residual, relu)
+    _kernels.divide_by_sqrt(weight, var, _eps(eps))  # weight is a fresh copy
+    return _affine(x, mean, weight, bias, out, axis, residual, relu)
 
 
 def normalize(x, mean, invstd, weight=None, bias=None, *, out=None, axis=1, residual=None,

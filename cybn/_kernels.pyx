@@ -837,6 +837,14 @@ def backward_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :
         free(work)
 
 
+def divide_by_sqrt(double[::1] a, const double[::1] v, double eps):
+    """a <- a / sqrt(v + eps) in place (evaluation's scale from the running
+    variance), with IEEE results and no warnings: v + eps <= 0 gives Inf or NaN."""
+    cdef Py_ssize_t c
+    for c in range(a.shape[0]):
+        a[c] = a[c] / sqrt(v[c] + eps)
+
+
 def update_running(floating[::1] running_mean, floating[::1] running_var,
                    const double[::1] mean, const double[::1] var, Py_ssize_t count,
                    double momentum):

@@ -35,6 +35,21 @@ def test_denormal_inputs(dtype):
                                atol=1e-5 * np.max(np.abs(expected[0])) + 4 * tiny)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_with_zero_and_negative_running_variance(dtype):
+    """IEEE results without warnings, as in the kernels: var + eps = 0 divides
+    by zero, var + eps < 0 is the square root of a negative number."""
+    x = np.array([[1.0, 2.0, 3.0], [-1.0, 0.0, 4.0]], dtype)
+    running_mean = np.array([0.0, 0.0, 3.0], dtype)
+    running_var = np.array([0.0, -1.0, 1.0], dtype)
+    with np.errstate(all="raise"):  # a NumPy warning would raise here
+        y = cybn.forward_eval(x, running_mean, running_var, eps=0.0)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y[:, 0], [np.inf, -np.inf])
+    assert np.all(np.isnan(y[:, 1]))
+    np.testing.assert_array_equal(y[:, 2], [0.0, 1.0])
+
+
 def test_float32_values_near_1e30_and_their_gradients():
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((3, 4, 6)) * 3e30 + 1e30).astype(np.float32)
