@@ -5,9 +5,10 @@ import pytest
 
 DTYPES = [np.float32, np.float64]
 
-# Shapes of rank 2 to 5, with C = 1, spatial 1x1, odd sizes.
+# Shapes of rank 2 to 5, with C = 1, spatial 1x1, odd sizes; (N, C) rows
+# short, middling and over 4 KiB long (the row loops take them differently).
 SHAPES = [
-    (4, 3), (7, 1), (3, 70), (200, 130),
+    (4, 3), (7, 1), (3, 70), (200, 130), (37, 1030),
     (5, 3, 7), (2, 1, 9),
     (12, 4, 8, 8), (2, 251, 28, 28), (6, 5, 1, 1), (3, 1, 4, 4), (1, 3, 5, 7),
     (3, 2, 4, 5, 6), (2, 3, 1, 1, 1),
