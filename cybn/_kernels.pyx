@@ -33,6 +33,8 @@ cdef extern from "_loops.h" nogil:
         Py_ssize_t batch_stride
         Py_ssize_t channel_stride
     int cybn_max_threads()
+    int CYBN_ROWS_BLOCK
+    int CYBN_WRITE_BLOCK
     void planar_sums_f32 "cybn_planar_sums_f32"(
         const float *x, Py_ssize_t batch_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
         Py_ssize_t end, double shift, double *sum, double *sumsq)
@@ -97,40 +99,40 @@ cdef extern from "_loops.h" nogil:
         const double *dy_shift, const double *x_coef, const double *scale)
     void rows_sums_f32 "cybn_rows_sums_f32"(
         const float *x, Py_ssize_t row_stride, Py_ssize_t n_channels, Py_ssize_t begin,
-        Py_ssize_t end, const double *shift, double *sum, double *sumsq)
+        Py_ssize_t end, const double *shift, double *sum, double *sumsq, int block)
     void rows_sums_f64 "cybn_rows_sums_f64"(
         const double *x, Py_ssize_t row_stride, Py_ssize_t n_channels, Py_ssize_t begin,
-        Py_ssize_t end, const double *shift, double *sum, double *sumsq)
+        Py_ssize_t end, const double *shift, double *sum, double *sumsq, int block)
     void rows_grad_sums_f32 "cybn_rows_grad_sums_f32"(
         const float *dy, Py_ssize_t dy_stride, const float *y, Py_ssize_t y_stride,
         const float *x, Py_ssize_t x_stride, Py_ssize_t n_channels, Py_ssize_t begin,
-        Py_ssize_t end, const double *mean, double *sum_dy, double *sum_dy_xmu)
+        Py_ssize_t end, const double *mean, double *sum_dy, double *sum_dy_xmu, int block)
     void rows_grad_sums_f64 "cybn_rows_grad_sums_f64"(
         const double *dy, Py_ssize_t dy_stride, const double *y, Py_ssize_t y_stride,
         const double *x, Py_ssize_t x_stride, Py_ssize_t n_channels, Py_ssize_t begin,
-        Py_ssize_t end, const double *mean, double *sum_dy, double *sum_dy_xmu)
+        Py_ssize_t end, const double *mean, double *sum_dy, double *sum_dy_xmu, int block)
     void rows_affine_f32 "cybn_rows_affine_f32"(
         const float *x, Py_ssize_t x_stride, const float *res, Py_ssize_t res_stride,
         float *y, Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *mean, const double *scale, const double *shift,
-        int relu)
+        int relu, int block)
     void rows_affine_f64 "cybn_rows_affine_f64"(
         const double *x, Py_ssize_t x_stride, const double *res, Py_ssize_t res_stride,
         double *y, Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *mean, const double *scale, const double *shift,
-        int relu)
+        int relu, int block)
     void rows_grad_input_f32 "cybn_rows_grad_input_f32"(
         const float *dy, Py_ssize_t dy_stride, const float *y, Py_ssize_t y_stride,
         const float *x, Py_ssize_t x_stride, float *dx, Py_ssize_t dx_stride,
         float *g_out, Py_ssize_t g_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *mean, const double *dy_shift, const double *x_coef,
-        const double *scale)
+        const double *scale, int block)
     void rows_grad_input_f64 "cybn_rows_grad_input_f64"(
         const double *dy, Py_ssize_t dy_stride, const double *y, Py_ssize_t y_stride,
         const double *x, Py_ssize_t x_stride, double *dx, Py_ssize_t dx_stride,
         double *g_out, Py_ssize_t g_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *mean, const double *dy_shift, const double *x_coef,
-        const double *scale)
+        const double *scale, int block)
 
 
 # Below this many values a parallel region costs more than it saves (and
@@ -151,15 +153,29 @@ cdef Py_ssize_t CACHED_BYTES = 32 << 20
 cdef Py_ssize_t BATCH_PARTS = 16
 # Element-wise passes in memory order take chunks of about this many values.
 cdef Py_ssize_t CHUNK_VALUES = 1 << 14
-# Rows data is cut into at most ROWS_TASKS ranges of at least ROWS_MIN rows;
-# each range keeps 2 x C partial sums.
+# Rows data is cut into at most ROWS_TASKS tasks: ranges of at least ROWS_MIN
+# rows, each keeping 2 x C partial sums, and when there are fewer ranges than
+# that, blocks of at least CHANNELS_MIN channels within each range.  Few, long
+# ranges keep the partial sums small next to the data: (256, 512) takes 4
+# ranges of 4 blocks, not 16 ranges of 16 rows (whose sums were a quarter of
+# the data's size and took as long as the data to add up).
 cdef Py_ssize_t ROWS_TASKS = 16
-cdef Py_ssize_t ROWS_MIN = 16
+cdef Py_ssize_t ROWS_MIN = 64
+cdef Py_ssize_t CHANNELS_MIN = 64
+# Row lengths and sizes behind the rows loops' steps (rows_sums_block).
+cdef Py_ssize_t SHORT_ROW_BYTES = 256
+cdef Py_ssize_t PAGE_BYTES = 4096
+cdef Py_ssize_t SMALL_BYTES = 4 << 20
 
 
 ctypedef struct Rows:
     char *data
     Py_ssize_t row_stride
+
+
+ctypedef struct RowsTask:
+    # Rows [begin, end) of row range `part`, channels [first, first + count).
+    Py_ssize_t part, begin, end, first, count
 
 
 def max_threads():
@@ -184,7 +200,54 @@ cdef inline bint short_runs(Py_ssize_t n_values, Py_ssize_t n_spatial,
 
 
 cdef inline Py_ssize_t rows_parts(Py_ssize_t n_rows) noexcept nogil:
+    """Row ranges: a function of the shape alone, as the sums depend on it."""
     return max(1, min(ROWS_TASKS, n_rows // ROWS_MIN))
+
+
+cdef inline Py_ssize_t rows_blocks(Py_ssize_t n_parts, Py_ssize_t n_channels) noexcept nogil:
+    """Channel blocks per row range (no sum depends on them)."""
+    return max(1, min((ROWS_TASKS + n_parts - 1) // n_parts, n_channels // CHANNELS_MIN))
+
+
+cdef inline RowsTask rows_task(Py_ssize_t task, Py_ssize_t n_parts, Py_ssize_t n_blocks,
+                               Py_ssize_t n_rows, Py_ssize_t n_channels) noexcept nogil:
+    cdef RowsTask t
+    cdef Py_ssize_t block = task % n_blocks
+    t.part = task // n_blocks
+    t.begin = part_start(t.part, n_parts, n_rows)
+    t.end = part_start(t.part + 1, n_parts, n_rows)
+    t.first = part_start(block, n_blocks, n_channels)
+    t.count = part_start(block + 1, n_blocks, n_channels) - t.first
+    return t
+
+
+cdef inline int rows_sums_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels,
+                                Py_ssize_t itemsize) noexcept nogil:
+    """Rows per step of the rows sums: part of the order of the sums, so a
+    function of the shape and strides alone.  Streaming from memory, rows of
+    SHORT_ROW_BYTES to PAGE_BYTES go one at a time, in memory order (taking
+    several such rows in turn confuses the prefetcher: measured up to 1.8x
+    slower); otherwise several rows per step load each sum once per step."""
+    cdef Py_ssize_t row_bytes = x.row_stride * itemsize
+    if (n_rows * n_channels * itemsize <= SMALL_BYTES or row_bytes <= SHORT_ROW_BYTES
+            or row_bytes >= PAGE_BYTES):
+        return CYBN_ROWS_BLOCK
+    return 1
+
+
+cdef inline int rows_write_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels,
+                                 Py_ssize_t itemsize) noexcept nogil:
+    """Rows per step of the element-wise rows passes (the values do not depend
+    on it): several where the data likely sits in the cache, so that the
+    parameters are loaded once per step; one otherwise, as every row taken
+    at once is two more streams for the prefetcher.  Not for rows of
+    SHORT_ROW_BYTES to PAGE_BYTES: a page-long row puts the stores and the
+    next row's loads at the same page offset (4 KiB aliasing, measured 0.6x)."""
+    cdef Py_ssize_t row_bytes = x.row_stride * itemsize
+    if n_rows * n_channels * itemsize <= CACHED_BYTES and (row_bytes <= SHORT_ROW_BYTES
+                                                           or row_bytes > PAGE_BYTES):
+        return CYBN_WRITE_BLOCK
+    return 1
 
 
 cdef inline Py_ssize_t part_start(Py_ssize_t part, Py_ssize_t n_parts,
@@ -223,6 +286,13 @@ cdef Rows rows(const floating[:, :] a):
         view.data = <char *>&a[0, 0]
         view.row_stride = a.strides[0] // sizeof(floating)
     return view
+
+
+cdef inline Rows columns(Rows v, Py_ssize_t c, floating *like) noexcept nogil:
+    """The view from column c on (absent operands stay absent)."""
+    if v.data != NULL:
+        v.data = <char *>(<floating *>v.data + c)
+    return v
 
 
 cdef inline floating *channel(Planar v, Py_ssize_t c, floating *like) noexcept nogil:
@@ -294,57 +364,59 @@ cdef inline void planar_grad_input(Planar dy, Planar y, Planar x, Planar dx, Pla
 
 
 cdef inline void rows_sums(Rows x, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,
-                           const double *shift, double *s, double *q,
+                           const double *shift, double *s, double *q, int block,
                            floating *like) noexcept nogil:
     if floating is float:
-        rows_sums_f32(<float *>x.data, x.row_stride, n_channels, begin, end, shift, s, q)
+        rows_sums_f32(<float *>x.data, x.row_stride, n_channels, begin, end, shift, s, q,
+                      block)
     else:
-        rows_sums_f64(<double *>x.data, x.row_stride, n_channels, begin, end, shift, s, q)
+        rows_sums_f64(<double *>x.data, x.row_stride, n_channels, begin, end, shift, s, q,
+                      block)
 
 
 cdef inline void rows_grad_sums(Rows dy, Rows y, Rows x, Py_ssize_t n_channels,
                                 Py_ssize_t begin, Py_ssize_t end, const double *mean,
-                                double *sum_dy, double *sum_dy_xmu,
+                                double *sum_dy, double *sum_dy_xmu, int block,
                                 floating *like) noexcept nogil:
     if floating is float:
         rows_grad_sums_f32(<float *>dy.data, dy.row_stride, <float *>y.data, y.row_stride,
                            <float *>x.data, x.row_stride, n_channels, begin, end, mean,
-                           sum_dy, sum_dy_xmu)
+                           sum_dy, sum_dy_xmu, block)
     else:
         rows_grad_sums_f64(<double *>dy.data, dy.row_stride, <double *>y.data, y.row_stride,
                            <double *>x.data, x.row_stride, n_channels, begin, end, mean,
-                           sum_dy, sum_dy_xmu)
+                           sum_dy, sum_dy_xmu, block)
 
 
 cdef inline void rows_affine(Rows x, Rows res, Rows y, Py_ssize_t n_channels,
                              Py_ssize_t begin, Py_ssize_t end, const double *mean,
-                             const double *scale, const double *shift, int relu,
+                             const double *scale, const double *shift, int relu, int block,
                              floating *like) noexcept nogil:
     if floating is float:
         rows_affine_f32(<float *>x.data, x.row_stride, <float *>res.data, res.row_stride,
                         <float *>y.data, y.row_stride, n_channels, begin, end, mean, scale,
-                        shift, relu)
+                        shift, relu, block)
     else:
         rows_affine_f64(<double *>x.data, x.row_stride, <double *>res.data, res.row_stride,
                         <double *>y.data, y.row_stride, n_channels, begin, end, mean, scale,
-                        shift, relu)
+                        shift, relu, block)
 
 
 cdef inline void rows_grad_input(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                                  Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,
                                  const double *mean, const double *dy_shift,
-                                 const double *x_coef, const double *scale,
+                                 const double *x_coef, const double *scale, int block,
                                  floating *like) noexcept nogil:
     if floating is float:
         rows_grad_input_f32(<float *>dy.data, dy.row_stride, <float *>y.data, y.row_stride,
                             <float *>x.data, x.row_stride, <float *>dx.data, dx.row_stride,
                             <float *>g_out.data, g_out.row_stride, n_channels, begin, end,
-                            mean, dy_shift, x_coef, scale)
+                            mean, dy_shift, x_coef, scale, block)
     else:
         rows_grad_input_f64(<double *>dy.data, dy.row_stride, <double *>y.data, y.row_stride,
                             <double *>x.data, x.row_stride, <double *>dx.data, dx.row_stride,
                             <double *>g_out.data, g_out.row_stride, n_channels, begin, end,
-                            mean, dy_shift, x_coef, scale)
+                            mean, dy_shift, x_coef, scale, block)
 
 
 cdef inline void runs_sums(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
@@ -409,38 +481,46 @@ cdef inline void runs_grad_input(Planar dy, Planar y, Planar x, Planar dx, Plana
 # (part_step 2 * C, channel_step 1, second C); k = 0 for the first sum, 1 for
 # the second.
 
-cdef inline double part_total(const double *first, Py_ssize_t n_parts,
-                              Py_ssize_t part_step) noexcept nogil:
-    cdef double total = 0.0
-    cdef Py_ssize_t p
-    for p in range(n_parts):
-        total = total + first[p * part_step]
-    return total
+cdef void sum_into_first_part(double *partial, Py_ssize_t n_channels, Py_ssize_t n_parts,
+                              Py_ssize_t part_step, Py_ssize_t channel_step,
+                              Py_ssize_t second) noexcept nogil:
+    """Part 0 receives each channel's totals, ((part 0 + part 1) + part 2) + ...
+    The loop over channels is innermost: with channel_step 1 it runs along
+    memory and vectorizes, and no sum's order depends on it."""
+    cdef Py_ssize_t c, p
+    cdef double *part
+    for p in range(1, n_parts):
+        part = partial + p * part_step
+        for c in range(n_channels):
+            partial[c * channel_step] = partial[c * channel_step] + part[c * channel_step]
+            partial[c * channel_step + second] = (partial[c * channel_step + second]
+                                                  + part[c * channel_step + second])
 
 
-cdef void merge_parts(const double *partial, Py_ssize_t n_channels, Py_ssize_t n_parts,
+cdef void merge_parts(double *partial, Py_ssize_t n_channels, Py_ssize_t n_parts,
                       Py_ssize_t part_step, Py_ssize_t channel_step, Py_ssize_t second,
                       double *first_total, double *second_total) noexcept nogil:
     cdef Py_ssize_t c
+    sum_into_first_part(partial, n_channels, n_parts, part_step, channel_step, second)
     for c in range(n_channels):
-        first_total[c] = part_total(partial + c * channel_step, n_parts, part_step)
-        second_total[c] = part_total(partial + c * channel_step + second, n_parts, part_step)
+        first_total[c] = partial[c * channel_step]
+        second_total[c] = partial[c * channel_step + second]
 
 
-cdef void finish_moments(const double *partial, Py_ssize_t n_channels, Py_ssize_t n_parts,
+cdef void finish_moments(double *partial, Py_ssize_t n_channels, Py_ssize_t n_parts,
                          Py_ssize_t part_step, Py_ssize_t channel_step, Py_ssize_t second,
                          double count, bint first_pass, double *mean,
                          double *m2) noexcept nogil:
     """mean (on the first pass, from its shift) and M2 from the merged sums of
     x - shift and (x - shift)^2."""
     cdef Py_ssize_t c
-    cdef double s, q
+    cdef double s
+    sum_into_first_part(partial, n_channels, n_parts, part_step, channel_step, second)
     for c in range(n_channels):
-        s = part_total(partial + c * channel_step, n_parts, part_step)
-        q = part_total(partial + c * channel_step + second, n_parts, part_step)
+        s = partial[c * channel_step]
         if first_pass:
             mean[c] = mean[c] + s / count
-        m2[c] = centered_m2(s, q, count)
+        m2[c] = centered_m2(s, partial[c * channel_step + second], count)
 
 
 cdef void channel_moments(Planar x, Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
@@ -483,17 +563,22 @@ cdef void rows_moments(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels, Py_ssiz
                        floating *like) noexcept nogil:
     """mean and M2 of every channel of rows data in n_parts row ranges;
     partial holds 2 * n_parts * n_channels doubles."""
-    cdef Py_ssize_t p, c, n_passes = 2 if floating is double else 1, pass_
+    cdef Py_ssize_t task, c, n_passes = 2 if floating is double else 1, pass_
+    cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
+    cdef int block = rows_sums_block(x, n_rows, n_channels, sizeof(floating))
+    cdef RowsTask t
     cdef double *sums
     for c in range(n_channels):
         mean[c] = (<floating *>x.data)[c]  # the first pass's shift
     for pass_ in range(n_passes):
-        for p in prange(n_parts, schedule='static', num_threads=n_threads):
-            sums = partial + 2 * p * n_channels
-            for c in range(2 * n_channels):
+        for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
+            t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
+            sums = partial + 2 * t.part * n_channels + t.first
+            for c in range(t.count):
                 sums[c] = 0.0
-            rows_sums(x, n_channels, part_start(p, n_parts, n_rows),
-                      part_start(p + 1, n_parts, n_rows), mean, sums, sums + n_channels, like)
+                sums[n_channels + c] = 0.0
+            rows_sums(columns(x, t.first, like), t.count, t.begin, t.end, mean + t.first,
+                      sums, sums + n_channels, block, like)
         finish_moments(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, n_rows,
                        pass_ == 0, mean, m2)
 
@@ -523,15 +608,20 @@ cdef void rows_grad_sums_all(Rows dy, Rows y, Rows x, Py_ssize_t n_rows,
                              int n_threads, floating *like) noexcept nogil:
     """Gradient sums of rows data in n_parts row ranges; partial holds
     2 * n_parts * n_channels doubles."""
-    cdef Py_ssize_t p, c
+    cdef Py_ssize_t task, c
+    cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
+    cdef int block = rows_sums_block(x, n_rows, n_channels, sizeof(floating))
+    cdef RowsTask t
     cdef double *sums
-    for p in prange(n_parts, schedule='static', num_threads=n_threads):
-        sums = partial + 2 * p * n_channels
-        for c in range(2 * n_channels):
+    for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
+        t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
+        sums = partial + 2 * t.part * n_channels + t.first
+        for c in range(t.count):
             sums[c] = 0.0
-        rows_grad_sums(dy, y, x, n_channels, part_start(p, n_parts, n_rows),
-                       part_start(p + 1, n_parts, n_rows), mean, sums, sums + n_channels,
-                       like)
+            sums[n_channels + c] = 0.0
+        rows_grad_sums(columns(dy, t.first, like), columns(y, t.first, like),
+                       columns(x, t.first, like), t.count, t.begin, t.end, mean + t.first,
+                       sums, sums + n_channels, block, like)
     merge_parts(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, sum_dy,
                 sum_dy_xmu)
 
@@ -637,10 +727,15 @@ cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
                           Py_ssize_t n_channels, const double *mean, const double *scale,
                           const double *shift, int relu, int n_threads,
                           floating *like) noexcept nogil:
-    cdef Py_ssize_t p, n_parts = rows_parts(n_rows)
-    for p in prange(n_parts, schedule='static', num_threads=n_threads):
-        rows_affine(x, res, y, n_channels, part_start(p, n_parts, n_rows),
-                    part_start(p + 1, n_parts, n_rows), mean, scale, shift, relu, like)
+    cdef Py_ssize_t task, n_parts = rows_parts(n_rows)
+    cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
+    cdef int block = rows_write_block(x, n_rows, n_channels, sizeof(floating))
+    cdef RowsTask t
+    for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
+        t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
+        rows_affine(columns(x, t.first, like), columns(res, t.first, like),
+                    columns(y, t.first, like), t.count, t.begin, t.end, mean + t.first,
+                    scale + t.first, shift + t.first, relu, block, like)
 
 
 cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
@@ -648,11 +743,17 @@ cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                               const double *dy_shift, const double *x_coef,
                               const double *scale, int n_threads,
                               floating *like) noexcept nogil:
-    cdef Py_ssize_t p, n_parts = rows_parts(n_rows)
-    for p in prange(n_parts, schedule='static', num_threads=n_threads):
-        rows_grad_input(dy, y, x, dx, g_out, n_channels, part_start(p, n_parts, n_rows),
-                        part_start(p + 1, n_parts, n_rows), mean, dy_shift, x_coef, scale,
-                        like)
+    cdef Py_ssize_t task, n_parts = rows_parts(n_rows)
+    cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
+    cdef int block = rows_write_block(x, n_rows, n_channels, sizeof(floating))
+    cdef RowsTask t
+    for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
+        t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
+        rows_grad_input(columns(dy, t.first, like), columns(y, t.first, like),
+                        columns(x, t.first, like), columns(dx, t.first, like),
+                        columns(g_out, t.first, like), t.count, t.begin, t.end,
+                        mean + t.first, dy_shift + t.first, x_coef + t.first,
+                        scale + t.first, block, like)
 
 
 cdef inline bint fused_channels(Py_ssize_t n_channels, Py_ssize_t n_spatial,

@@ -69,11 +69,23 @@ CYBN_INLINE double lanes_total(const cybn_v8d *v) /* a pointer: no vector ABI */
            + (((*v)[4] + (*v)[5]) + ((*v)[6] + (*v)[7]));
 }
 
-/* Rows layout: rows at least a page apart, or short ones (where the work per
- * row is too little for a loop of its own), go CYBN_ROWS_BLOCK at a time. */
-#define CYBN_PAGE_BYTES 4096
-#define CYBN_SHORT_ROW_BYTES 256
+/* Rows layout: the sums take CYBN_ROWS_BLOCK rows per step, the element-wise
+ * passes CYBN_WRITE_BLOCK, where the caller says so (see _kernels.pyx). */
 #define CYBN_ROWS_BLOCK 8
+#define CYBN_WRITE_BLOCK 4
+#define CYBN_ROWS_CASES(k, a, b, CALL)                                               \
+    if ((k) == CYBN_WRITE_BLOCK) {                                                   \
+        enum { K_ = CYBN_WRITE_BLOCK };                                              \
+        CYBN_FLAG_CASES(a, b, CALL)                                                  \
+    } else {                                                                         \
+        enum { K_ = 1 };                                                             \
+        CYBN_FLAG_CASES(a, b, CALL)                                                  \
+    }
+#define CYBN_FLAG_CASES(a, b, CALL)                                                  \
+    if ((a) && (b)) { enum { A_ = 1, B_ = 1 }; CALL; }                               \
+    else if (a) { enum { A_ = 1, B_ = 0 }; CALL; }                                   \
+    else if (b) { enum { A_ = 0, B_ = 1 }; CALL; }                                   \
+    else { enum { A_ = 0, B_ = 0 }; CALL; }
 
 /* Walk the flat indices [begin, end) of a planar channel run by run: each
  * piece is run N, from position S, LEN values long.  One division in all. */
@@ -387,16 +399,8 @@ static CYBN_DISPATCH void cybn_runs_grad_input_##SUFFIX(                        
                                                                                       \
 /* ---- rows: rows [begin, end) of n_channels contiguous values; one              \
  * accumulator per channel, so sums vectorize across channels unreordered.          \
- * Rows a page or more apart are taken CYBN_ROWS_BLOCK at a time, so that the    \
- * per-channel sums are loaded and stored once per block; rows of 256 B to      \
- * 4 KiB one at a time, in memory order: interleaving them confuses the          \
- * prefetcher (measured: up to 1.8x slower at 512-2048-byte rows). ---- */        \
-                                                                                      \
-CYBN_INLINE int rows_block_##SUFFIX(Py_ssize_t row_stride)                            \
-{                                                                                     \
-    const Py_ssize_t bytes = row_stride * (Py_ssize_t)sizeof(T);                      \
-    return bytes > CYBN_SHORT_ROW_BYTES && bytes < CYBN_PAGE_BYTES ? 1 : CYBN_ROWS_BLOCK; \
-}                                                                                     \
+ * `block` rows at a time (1, or CYBN_ROWS_BLOCK / CYBN_WRITE_BLOCK), each       \
+ * channel's sums or parameters loaded once per step. ---- */                      \
                                                                                       \
 CYBN_INLINE void rows_sums_block_##SUFFIX(const T *x, Py_ssize_t row_stride,          \
                                           Py_ssize_t n_channels, const int k,         \
@@ -420,10 +424,10 @@ CYBN_INLINE void rows_sums_block_##SUFFIX(const T *x, Py_ssize_t row_stride,    
 static CYBN_DISPATCH void cybn_rows_sums_##SUFFIX(                                    \
     const T *x, Py_ssize_t row_stride, Py_ssize_t n_channels, Py_ssize_t begin,       \
     Py_ssize_t end, const double *restrict shift, double *restrict sum,               \
-    double *restrict sumsq)                                                           \
+    double *restrict sumsq, int block)                                                \
 {                                                                                     \
     Py_ssize_t r = begin;                                                             \
-    if (rows_block_##SUFFIX(row_stride) > 1)                                          \
+    if (block == CYBN_ROWS_BLOCK)                                                     \
         for (; r + CYBN_ROWS_BLOCK <= end; r += CYBN_ROWS_BLOCK)                      \
             rows_sums_block_##SUFFIX(x + r * row_stride, row_stride, n_channels,      \
                                      CYBN_ROWS_BLOCK, shift, sum, sumsq);             \
@@ -458,9 +462,8 @@ static CYBN_DISPATCH void cybn_rows_grad_sums_##SUFFIX(                         
     const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
     Py_ssize_t x_stride, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,     \
     const double *restrict mean, double *restrict sum_dy,                             \
-    double *restrict sum_dy_xmu)                                                      \
+    double *restrict sum_dy_xmu, int block)                                           \
 {                                                                                     \
-    const int block = rows_block_##SUFFIX(x_stride);                                  \
     for (Py_ssize_t r = begin; r < end;) {                                            \
         const int k = end - r >= block ? block : 1;                                   \
         const T *g = dy + r * dy_stride, *v = x + r * x_stride;                       \
@@ -483,56 +486,61 @@ static CYBN_DISPATCH void cybn_rows_grad_sums_##SUFFIX(                         
     }                                                                                 \
 }                                                                                     \
                                                                                       \
-CYBN_INLINE void rows_affine_run_##SUFFIX(const T *in, const T *res, T *out,          \
-                                          Py_ssize_t n_channels, const double *mean,  \
-                                          const double *scale, const double *shift,   \
-                                          const int add, const int relu)              \
+/* Every value is computed the same way whatever the block. */                   \
+CYBN_INLINE void rows_affine_run_##SUFFIX(                                            \
+    const T *in, Py_ssize_t in_stride, const T *res, Py_ssize_t res_stride, T *out,   \
+    Py_ssize_t out_stride, Py_ssize_t n_channels, const int k, const double *mean,    \
+    const double *scale, const double *shift, const int add, const int relu)          \
 {                                                                                     \
     CYBN_PRAGMA(omp simd)                                                             \
     for (Py_ssize_t c = 0; c < n_channels; c++) {                                     \
-        double v = ((double)in[c] - mean[c]) * scale[c] + shift[c];                   \
-        if (add)                                                                      \
-            v += (double)res[c];                                                      \
-        if (relu)                                                                     \
-            v = v < 0.0 ? 0.0 : v;                                                    \
-        out[c] = (T)v;                                                                \
+        const double m = mean[c], s = scale[c], b = shift[c];                         \
+        for (int j = 0; j < k; j++) {                                                 \
+            double v = ((double)in[j * in_stride + c] - m) * s + b;                   \
+            if (add)                                                                  \
+                v += (double)res[j * res_stride + c];                                 \
+            if (relu)                                                                 \
+                v = v < 0.0 ? 0.0 : v;                                                \
+            out[j * out_stride + c] = (T)v;                                           \
+        }                                                                             \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_rows_affine_##SUFFIX(                                  \
     const T *x, Py_ssize_t x_stride, const T *res, Py_ssize_t res_stride, T *y,       \
     Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,     \
-    const double *mean, const double *scale, const double *shift, int relu)           \
+    const double *mean, const double *scale, const double *shift, int relu, int block) \
 {                                                                                     \
-    for (Py_ssize_t r = begin; r < end; r++) {                                        \
+    for (Py_ssize_t r = begin; r < end;) {                                            \
+        const int k = end - r >= block ? block : 1;                                   \
         const T *in = x + r * x_stride;                                               \
         const T *rr = res ? res + r * res_stride : in;                                \
         T *out = y + r * y_stride;                                                    \
-        if (res && relu)                                                              \
-            rows_affine_run_##SUFFIX(in, rr, out, n_channels, mean, scale, shift, 1, 1); \
-        else if (res)                                                                 \
-            rows_affine_run_##SUFFIX(in, rr, out, n_channels, mean, scale, shift, 1, 0); \
-        else if (relu)                                                                \
-            rows_affine_run_##SUFFIX(in, rr, out, n_channels, mean, scale, shift, 0, 1); \
-        else                                                                          \
-            rows_affine_run_##SUFFIX(in, rr, out, n_channels, mean, scale, shift, 0, 0); \
+        CYBN_ROWS_CASES(k, res, relu, rows_affine_run_##SUFFIX(                       \
+            in, x_stride, rr, res_stride, out, y_stride, n_channels, K_, mean, scale, \
+            shift, A_, B_));                                                          \
+        r += k;                                                                       \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
 CYBN_INLINE void rows_grad_input_run_##SUFFIX(                                        \
-    const T *dy, const T *y, const T *x, T *dx, T *g_out, Py_ssize_t n_channels,      \
-    const double *mean, const double *dy_shift, const double *x_coef,                 \
-    const double *scale, const int masked, const int keep_g)                          \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, T *dx, Py_ssize_t dx_stride, T *g_out, Py_ssize_t g_stride,  \
+    Py_ssize_t n_channels, const int k, const double *mean, const double *dy_shift,   \
+    const double *x_coef, const double *scale, const int masked, const int keep_g)    \
 {                                                                                     \
     CYBN_PRAGMA(omp simd)                                                             \
     for (Py_ssize_t c = 0; c < n_channels; c++) {                                     \
-        double g = (double)dy[c];                                                     \
-        if (masked)                                                                   \
-            g = y[c] > 0 ? g : 0.0;                                                   \
-        if (keep_g)                                                                   \
-            g_out[c] = (T)g;                                                          \
-        dx[c] = (T)(((g - dy_shift[c]) - ((double)x[c] - mean[c]) * x_coef[c])        \
-                    * scale[c]);                                                      \
+        const double m = mean[c], h = dy_shift[c], q = x_coef[c], s = scale[c];       \
+        for (int j = 0; j < k; j++) {                                                 \
+            double g = (double)dy[j * dy_stride + c];                                 \
+            if (masked)                                                               \
+                g = y[j * y_stride + c] > 0 ? g : 0.0;                                \
+            if (keep_g)                                                               \
+                g_out[j * g_stride + c] = (T)g;                                       \
+            dx[j * dx_stride + c] =                                                   \
+                (T)(((g - h) - ((double)x[j * x_stride + c] - m) * q) * s);           \
+        }                                                                             \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
@@ -540,22 +548,18 @@ static CYBN_DISPATCH void cybn_rows_grad_input_##SUFFIX(                        
     const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
     Py_ssize_t x_stride, T *dx, Py_ssize_t dx_stride, T *g_out, Py_ssize_t g_stride,  \
     Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end, const double *mean,      \
-    const double *dy_shift, const double *x_coef, const double *scale)                \
+    const double *dy_shift, const double *x_coef, const double *scale, int block)     \
 {                                                                                     \
-    for (Py_ssize_t r = begin; r < end; r++) {                                        \
+    for (Py_ssize_t r = begin; r < end;) {                                            \
+        const int k = end - r >= block ? block : 1;                                   \
         const T *g = dy + r * dy_stride, *v = x + r * x_stride;                       \
         const T *m = y ? y + r * y_stride : g;                                        \
         T *out = dx + r * dx_stride;                                                  \
         T *keep = g_out ? g_out + r * g_stride : out;                                 \
-        if (y && g_out)                                                               \
-            rows_grad_input_run_##SUFFIX(g, m, v, out, keep, n_channels, mean,        \
-                                         dy_shift, x_coef, scale, 1, 1);              \
-        else if (y)                                                                   \
-            rows_grad_input_run_##SUFFIX(g, m, v, out, keep, n_channels, mean,        \
-                                         dy_shift, x_coef, scale, 1, 0);              \
-        else                                                                          \
-            rows_grad_input_run_##SUFFIX(g, m, v, out, keep, n_channels, mean,        \
-                                         dy_shift, x_coef, scale, 0, 0);              \
+        CYBN_ROWS_CASES(k, y, g_out, rows_grad_input_run_##SUFFIX(                    \
+            g, dy_stride, m, y_stride, v, x_stride, out, dx_stride, keep, g_stride,   \
+            n_channels, K_, mean, dy_shift, x_coef, scale, A_, B_));                  \
+        r += k;                                                                       \
     }                                                                                 \
 }
 
