@@ -162,7 +162,8 @@ cdef Py_ssize_t CHUNK_VALUES = 1 << 14
 cdef Py_ssize_t ROWS_TASKS = 16
 cdef Py_ssize_t ROWS_MIN = 64
 cdef Py_ssize_t CHANNELS_MIN = 64
-# Row lengths and sizes behind the rows loops' steps (rows_sums_block).
+# Row lengths and sizes behind the rows loops' steps (rows_sums_block,
+# rows_write_block).
 cdef Py_ssize_t SHORT_ROW_BYTES = 256
 cdef Py_ssize_t PAGE_BYTES = 4096
 cdef Py_ssize_t SMALL_BYTES = 4 << 20

@@ -73,6 +73,9 @@ CYBN_INLINE double lanes_total(const cybn_v8d *v) /* a pointer: no vector ABI */
  * passes CYBN_WRITE_BLOCK, where the caller says so (see _kernels.pyx). */
 #define CYBN_ROWS_BLOCK 8
 #define CYBN_WRITE_BLOCK 4
+
+/* CALL, with K_ (rows per step) and the flags A_ and B_ as compile-time
+ * constants, for k = CYBN_WRITE_BLOCK or 1 and each value of the flags a, b. */
 #define CYBN_ROWS_CASES(k, a, b, CALL)                                               \
     if ((k) == CYBN_WRITE_BLOCK) {                                                   \
         enum { K_ = CYBN_WRITE_BLOCK };                                              \
