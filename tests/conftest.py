@@ -16,6 +16,26 @@ SHAPES = [
 ]
 
 
+def central_difference(f, a, i, h=1e-6):
+    """(f(a[i] + h) - f(a[i] - h)) / 2h for the scalar f() of the array a,
+    changed in place and restored."""
+    old = a[i]
+    a[i] = old + h
+    up = f()
+    a[i] = old - h
+    down = f()
+    a[i] = old
+    return (up - down) / (2 * h)
+
+
+def numeric_gradient(f, a, h=1e-6):
+    """Central differences of the scalar f() with respect to every entry of a."""
+    grad = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        grad[i] = central_difference(f, a, i, h)
+    return grad
+
+
 def tolerance(dtype):
     """Absolute error allowed per unit of the reference's magnitude."""
     return 2e-6 if np.dtype(dtype) == np.float32 else 1e-13

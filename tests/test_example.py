@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import central_difference, numeric_gradient
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
 
 
@@ -16,22 +18,6 @@ def td():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def numerical_grad(f, x, eps=1e-6):
-    """Central differences of the scalar f() with respect to every entry of x (in place)."""
-    grad = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + eps
-        plus = f()
-        x[i] = old - eps
-        minus = f()
-        x[i] = old
-        grad[i] = (plus - minus) / (2 * eps)
-    return grad
 
 
 def assert_close(analytic, numeric):
@@ -52,10 +38,10 @@ def test_conv_gradients(td, with_bias):
     out, cache = td.conv_forward(x, w, b)
     assert out.shape == (2, 4, 5, 4) and out.dtype == np.float64
     dx, dw, db = td.conv_backward(r, cache)
-    assert_close(dx, numerical_grad(loss, x))
-    assert_close(dw, numerical_grad(loss, w))
+    assert_close(dx, numeric_gradient(loss, x))
+    assert_close(dw, numeric_gradient(loss, w))
     if with_bias:
-        assert_close(db, numerical_grad(loss, b))
+        assert_close(db, numeric_gradient(loss, b))
 
 
 def test_conv_matches_direct_loop(td):
@@ -84,9 +70,9 @@ def test_linear_gradients(td):
 
     _, cache = td.linear_forward(x, w, b)
     dx, dw, db = td.linear_backward(r, cache, w)
-    assert_close(dx, numerical_grad(loss, x))
-    assert_close(dw, numerical_grad(loss, w))
-    assert_close(db, numerical_grad(loss, b))
+    assert_close(dx, numeric_gradient(loss, x))
+    assert_close(dw, numeric_gradient(loss, w))
+    assert_close(db, numeric_gradient(loss, b))
 
 
 def test_maxpool_and_softmax_xent_gradients(td):
@@ -97,13 +83,13 @@ def test_maxpool_and_softmax_xent_gradients(td):
     assert out.shape == (2, 3, 2, 3)
     np.testing.assert_array_equal(out, x.reshape(2, 3, 2, 2, 3, 2).max(axis=(3, 5)))
     dx = td.maxpool_backward(r, cache)
-    assert_close(dx, numerical_grad(lambda: float((td.maxpool_forward(x)[0] * r).sum()), x))
+    assert_close(dx, numeric_gradient(lambda: float((td.maxpool_forward(x)[0] * r).sum()), x))
 
     logits = rng.standard_normal((6, 10)) * 3
     y = rng.integers(0, 10, size=6)
     loss, dlogits = td.softmax_xent(logits, y)
     assert loss > 0
-    assert_close(dlogits, numerical_grad(lambda: td.softmax_xent(logits, y)[0], logits))
+    assert_close(dlogits, numeric_gradient(lambda: td.softmax_xent(logits, y)[0], logits))
 
 
 @pytest.mark.parametrize("use_bn", [False, True])
@@ -123,26 +109,16 @@ def test_whole_network_gradients(td, use_bn):
         # A random handful of entries per tensor keeps this fast.
         flat = param.reshape(-1)
         for i in rng.choice(flat.size, size=min(5, flat.size), replace=False):
-            old = flat[i]
-            flat[i] = old + 1e-6
-            plus = loss()
-            flat[i] = old - 1e-6
-            minus = loss()
-            flat[i] = old
-            np.testing.assert_allclose(grads[name].reshape(-1)[i], (plus - minus) / 2e-6,
+            np.testing.assert_allclose(grads[name].reshape(-1)[i],
+                                       central_difference(loss, flat, i),
                                        rtol=1e-4, atol=1e-7, err_msg=name)
     if use_bn:
         # BN's own parameter gradients, as left on the layer by backward().
         for bn in model.bns:
             for param, grad in ((bn.weight, bn.grad_weight), (bn.bias, bn.grad_bias)):
                 for i in range(2):
-                    old = param[i]
-                    param[i] = old + 1e-6
-                    plus = loss()
-                    param[i] = old - 1e-6
-                    minus = loss()
-                    param[i] = old
-                    np.testing.assert_allclose(grad[i], (plus - minus) / 2e-6, rtol=1e-4, atol=1e-7)
+                    np.testing.assert_allclose(grad[i], central_difference(loss, param, i),
+                                               rtol=1e-4, atol=1e-7)
 
 
 def test_quick_training_run(td, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 
 import cybn
 from cybn import _api, reference
-from conftest import assert_close, layouts, random_batch
+from conftest import assert_close, layouts, numeric_gradient, random_batch
 from test_errors import Untouched
 
 
@@ -82,16 +82,8 @@ def test_fused_gradients_match_finite_differences():
     dx, dw, db = cybn.backward(gy, x, mean, invstd, w, activation="relu", y=y,
                                grad_residual=g_res)
     for array, analytic in ((x, dx), (r, g_res), (w, dw), (b, db)):
-        numeric = np.zeros_like(array)
-        for i in np.ndindex(array.shape):
-            old = array[i]
-            array[i] = old + 1e-6
-            up = loss()
-            array[i] = old - 1e-6
-            down = loss()
-            array[i] = old
-            numeric[i] = (up - down) / 2e-6
-        np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(analytic, numeric_gradient(loss, array), rtol=1e-5,
+                                   atol=1e-6)
 
 
 def test_layer_with_relu_and_residual_matches_torch():

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import cybn
+from conftest import numeric_gradient
 
 
 def _loss_train(x, weight, bias, g):
@@ -12,19 +13,6 @@ def _loss_train(x, weight, bias, g):
 
 def _loss_eval(x, weight, bias, g, mean, var):
     return float(np.sum(cybn.forward_eval(x, mean, var, weight, bias) * g))
-
-
-def _numeric_gradient(f, a, h=1e-6):
-    grad = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + h
-        up = f()
-        a[i] = old - h
-        down = f()
-        a[i] = old
-        grad[i] = (up - down) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (3, 2, 4), (2, 3, 2, 3), (2, 2, 2, 1, 3)], ids=str)
@@ -45,6 +33,6 @@ def test_backward_matches_finite_differences(shape, training):
         invstd = 1 / np.sqrt(var + 1e-5)
         f = lambda: _loss_eval(x, weight, bias, g, mean, var)
     dx, dweight, dbias = cybn.backward(g, x, mean, invstd, weight, training=training)
-    np.testing.assert_allclose(dx, _numeric_gradient(f, x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dweight, _numeric_gradient(f, weight), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dbias, _numeric_gradient(f, bias), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dx, numeric_gradient(f, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dweight, numeric_gradient(f, weight), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dbias, numeric_gradient(f, bias), rtol=1e-6, atol=1e-7)
