@@ -43,6 +43,74 @@ static inline int cybn_max_threads(void) { return 1; }
 #define CYBN_INLINE static inline __attribute__((always_inline))
 #define CYBN_PRAGMA(text) _Pragma(#text)
 
+/* Non-temporal ("streaming") stores, for outputs that could not stay in the
+ * cache anyway (the caller decides, see streamed in _kernels.pyx): a plain
+ * store first reads the line it writes from memory and evicts cached inputs;
+ * a streaming store does neither.  The element-wise loops compute a cache
+ * line's worth of values into a buffer, then stream it out with SSE2 stores
+ * (part of x86-64, so every clone has them; the write-combining buffers
+ * merge them into whole lines). */
+#define CYBN_LINE 64
+#if defined(__SSE2__)
+#include <emmintrin.h>
+CYBN_INLINE void stream_line(void *dst, const void *src) /* dst 16-byte aligned */
+{
+    for (int k = 0; k < CYBN_LINE / 16; k++)
+        _mm_stream_si128((__m128i *)dst + k, _mm_loadu_si128((const __m128i *)src + k));
+}
+/* Streaming stores are weakly ordered: fence them before other threads read. */
+CYBN_INLINE void stream_fence(void) { _mm_sfence(); }
+#else
+CYBN_INLINE void stream_line(void *dst, const void *src) { memcpy(dst, src, CYBN_LINE); }
+CYBN_INLINE void stream_fence(void) {}
+#endif
+
+/* Values of itemsize bytes before p's first line boundary, at most len (all
+ * of len if p is not itemsize-aligned: it is then written plainly). */
+CYBN_INLINE Py_ssize_t line_head(const void *p, Py_ssize_t len, size_t itemsize)
+{
+    size_t offset = (size_t)p % CYBN_LINE;
+    Py_ssize_t head;
+    if ((size_t)p % itemsize)
+        return len;
+    head = (Py_ssize_t)(((CYBN_LINE - offset) % CYBN_LINE) / itemsize);
+    return head < len ? head : len;
+}
+
+/* Compute a run of len values into out (and, for a second output, out2):
+ * BODY computes values [I, I + N) into D (and D2).  Values before out's first
+ * line boundary and after its last are computed in place; each whole line
+ * into a buffer (N then a constant), which goes out by streaming stores (to
+ * out2 too where that is 16-byte aligned, else by a plain copy).  D2 is NULL
+ * when out2 is. */
+#define CYBN_STREAMED(T, out, out2, len, I, N, D, D2, ...)                           \
+    {                                                                                \
+        enum { LINE_ = CYBN_LINE / sizeof(T) };                                      \
+        Py_ssize_t I = 0, N = line_head(out, len, sizeof(T));                        \
+        T *D = (out), *D2 = (out2);                                                  \
+        (void)D2;                                                                    \
+        { __VA_ARGS__; }                                                             \
+        for (I = N; I + LINE_ <= (len); I += LINE_) {                                \
+            T line_[LINE_] __attribute__((aligned(CYBN_LINE)));                      \
+            T line2_[LINE_] __attribute__((aligned(CYBN_LINE)));                     \
+            {                                                                        \
+                const Py_ssize_t N = LINE_;                                          \
+                T *D = line_, *D2 = line2_;                                          \
+                (void)D2;                                                            \
+                __VA_ARGS__;                                                         \
+            }                                                                        \
+            stream_line((out) + I, line_);                                           \
+            if ((out2) && (size_t)((out2) + I) % 16 == 0)                            \
+                stream_line((out2) + I, line2_);                                     \
+            else if (out2)                                                           \
+                memcpy((out2) + I, line2_, sizeof line2_);                           \
+        }                                                                            \
+        N = (len) - I;                                                               \
+        D = (out) + I;                                                               \
+        D2 = (out2) ? (out2) + I : (out2);                                           \
+        { __VA_ARGS__; }                                                             \
+    }
+
 /* Sums keep 16 partial sums in two 8-lane vectors (GCC vector extensions, so
  * the lanes exist whatever the instruction set: 1 AVX-512, 2 AVX2 or 4 SSE2
  * registers each), merged in a fixed order at the end. */
@@ -269,47 +337,68 @@ CYBN_INLINE void grad_input_run_##SUFFIX(const T *dy, const T *y, const T *x, T 
     }                                                                                 \
 }                                                                                     \
                                                                                       \
+/* The runs with their options as constants in each case, the outputs       \
+ * written plainly or (stream) by streaming stores. */                             \
+CYBN_INLINE void affine_any_##SUFFIX(const T *in, const T *res, T *out,               \
+                                     Py_ssize_t len, double mean, double scale,       \
+                                     double shift, int add, int relu, int stream)     \
+{                                                                                     \
+    CYBN_FLAG_CASES(add, relu,                                                        \
+        if (stream)                                                                   \
+            CYBN_STREAMED(T, out, (T *)NULL, len, i, n, d, d2,                        \
+                          affine_run_##SUFFIX(in + i, res + i, d, n, mean, scale,     \
+                                              shift, A_, B_))                         \
+        else                                                                          \
+            affine_run_##SUFFIX(in, res, out, len, mean, scale, shift, A_, B_))       \
+}                                                                                     \
+                                                                                      \
+CYBN_INLINE void grad_input_any_##SUFFIX(const T *dy, const T *y, const T *x, T *dx,  \
+                                         T *g_out, Py_ssize_t len, double mean,       \
+                                         double dy_shift, double x_coef, double scale,\
+                                         int masked, int keep_g, int stream)          \
+{                                                                                     \
+    CYBN_FLAG_CASES(masked, keep_g,                                                   \
+        if (stream)                                                                   \
+            CYBN_STREAMED(T, dx, B_ ? g_out : (T *)NULL, len, i, n, d, d2,            \
+                          grad_input_run_##SUFFIX(dy + i, y + i, x + i, d,            \
+                                                  B_ ? d2 : d, n, mean, dy_shift,     \
+                                                  x_coef, scale, A_, B_))             \
+        else                                                                          \
+            grad_input_run_##SUFFIX(dy, y, x, dx, g_out, len, mean, dy_shift, x_coef, \
+                                    scale, A_, B_))                                   \
+}                                                                                     \
+                                                                                      \
 static CYBN_DISPATCH void cybn_planar_affine_##SUFFIX(                                \
     const T *x, Py_ssize_t x_stride, const T *res, Py_ssize_t res_stride, T *y,       \
     Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,      \
-    double mean, double scale, double shift, int relu)                                \
+    double mean, double scale, double shift, int relu, int stream)                    \
 {                                                                                     \
     CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
         const T *in = x + n * x_stride + s;                                           \
-        const T *r = res ? res + n * res_stride + s : in;                             \
-        T *out = y + n * y_stride + s;                                                \
-        if (res && relu)                                                              \
-            affine_run_##SUFFIX(in, r, out, len, mean, scale, shift, 1, 1);           \
-        else if (res)                                                                 \
-            affine_run_##SUFFIX(in, r, out, len, mean, scale, shift, 1, 0);           \
-        else if (relu)                                                                \
-            affine_run_##SUFFIX(in, r, out, len, mean, scale, shift, 0, 1);           \
-        else                                                                          \
-            affine_run_##SUFFIX(in, r, out, len, mean, scale, shift, 0, 0);           \
+        affine_any_##SUFFIX(in, res ? res + n * res_stride + s : in,                  \
+                            y + n * y_stride + s, len, mean, scale, shift, res != NULL, \
+                            relu, stream);                                            \
     })                                                                                \
+    if (stream)                                                                       \
+        stream_fence();                                                               \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_planar_grad_input_##SUFFIX(                            \
     const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
     Py_ssize_t x_stride, T *dx, Py_ssize_t dx_stride, T *g_out, Py_ssize_t g_stride,  \
     Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end, double mean,              \
-    double dy_shift, double x_coef, double scale)                                     \
+    double dy_shift, double x_coef, double scale, int stream)                         \
 {                                                                                     \
     CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
-        const T *g = dy + n * dy_stride + s, *v = x + n * x_stride + s;               \
-        const T *m = y ? y + n * y_stride + s : g;                                    \
+        const T *g = dy + n * dy_stride + s;                                          \
         T *out = dx + n * dx_stride + s;                                              \
-        T *keep = g_out ? g_out + n * g_stride + s : out;                             \
-        if (y && g_out)                                                               \
-            grad_input_run_##SUFFIX(g, m, v, out, keep, len, mean, dy_shift, x_coef,  \
-                                    scale, 1, 1);                                     \
-        else if (y)                                                                   \
-            grad_input_run_##SUFFIX(g, m, v, out, keep, len, mean, dy_shift, x_coef,  \
-                                    scale, 1, 0);                                     \
-        else                                                                          \
-            grad_input_run_##SUFFIX(g, m, v, out, keep, len, mean, dy_shift, x_coef,  \
-                                    scale, 0, 0);                                     \
+        grad_input_any_##SUFFIX(g, y ? y + n * y_stride + s : g, x + n * x_stride + s, \
+                                out, g_out ? g_out + n * g_stride + s : out, len, mean, \
+                                dy_shift, x_coef, scale, y != NULL, g_out != NULL,    \
+                                stream);                                              \
     })                                                                                \
+    if (stream)                                                                       \
+        stream_fence();                                                               \
 }                                                                                     \
                                                                                       \
 /* ---- planar in memory order: whole runs [run_begin, run_end), for short       \
@@ -360,44 +449,34 @@ static CYBN_DISPATCH void cybn_runs_grad_sums_##SUFFIX(                         
 static CYBN_DISPATCH void cybn_runs_affine_##SUFFIX(                                  \
     cybn_planar x, cybn_planar res, cybn_planar y, Py_ssize_t n_channels,             \
     Py_ssize_t n_spatial, Py_ssize_t run_begin, Py_ssize_t run_end,                   \
-    const double *mean, const double *scale, const double *shift, int relu)           \
+    const double *mean, const double *scale, const double *shift, int relu, int stream) \
 {                                                                                     \
     CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
         const T *in = CYBN_AT(T, x, n, c);                                            \
-        const T *r = res.data ? CYBN_AT(T, res, n, c) : in;                           \
-        T *out = CYBN_AT(T, y, n, c);                                                 \
-        if (res.data && relu)                                                         \
-            affine_run_##SUFFIX(in, r, out, n_spatial, mean[c], scale[c], shift[c], 1, 1); \
-        else if (res.data)                                                            \
-            affine_run_##SUFFIX(in, r, out, n_spatial, mean[c], scale[c], shift[c], 1, 0); \
-        else if (relu)                                                                \
-            affine_run_##SUFFIX(in, r, out, n_spatial, mean[c], scale[c], shift[c], 0, 1); \
-        else                                                                          \
-            affine_run_##SUFFIX(in, r, out, n_spatial, mean[c], scale[c], shift[c], 0, 0); \
+        affine_any_##SUFFIX(in, res.data ? CYBN_AT(T, res, n, c) : in, CYBN_AT(T, y, n, c), \
+                            n_spatial, mean[c], scale[c], shift[c], res.data != NULL, \
+                            relu, stream);                                            \
     })                                                                                \
+    if (stream)                                                                       \
+        stream_fence();                                                               \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_runs_grad_input_##SUFFIX(                              \
     cybn_planar dy, cybn_planar y, cybn_planar x, cybn_planar dx, cybn_planar g_out,  \
     Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t run_begin,                \
     Py_ssize_t run_end, const double *mean, const double *dy_shift,                   \
-    const double *x_coef, const double *scale)                                        \
+    const double *x_coef, const double *scale, int stream)                            \
 {                                                                                     \
     CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
-        const T *g = CYBN_AT(T, dy, n, c), *v = CYBN_AT(T, x, n, c);                  \
-        const T *m = y.data ? CYBN_AT(T, y, n, c) : g;                                \
+        const T *g = CYBN_AT(T, dy, n, c);                                            \
         T *out = CYBN_AT(T, dx, n, c);                                                \
-        T *keep = g_out.data ? CYBN_AT(T, g_out, n, c) : out;                         \
-        if (y.data && g_out.data)                                                     \
-            grad_input_run_##SUFFIX(g, m, v, out, keep, n_spatial, mean[c], dy_shift[c], \
-                                    x_coef[c], scale[c], 1, 1);                       \
-        else if (y.data)                                                              \
-            grad_input_run_##SUFFIX(g, m, v, out, keep, n_spatial, mean[c], dy_shift[c], \
-                                    x_coef[c], scale[c], 1, 0);                       \
-        else                                                                          \
-            grad_input_run_##SUFFIX(g, m, v, out, keep, n_spatial, mean[c], dy_shift[c], \
-                                    x_coef[c], scale[c], 0, 0);                       \
+        grad_input_any_##SUFFIX(g, y.data ? CYBN_AT(T, y, n, c) : g, CYBN_AT(T, x, n, c), \
+                                out, g_out.data ? CYBN_AT(T, g_out, n, c) : out,      \
+                                n_spatial, mean[c], dy_shift[c], x_coef[c], scale[c], \
+                                y.data != NULL, g_out.data != NULL, stream);          \
     })                                                                                \
+    if (stream)                                                                       \
+        stream_fence();                                                               \
 }                                                                                     \
                                                                                       \
 /* ---- rows: rows [begin, end) of n_channels contiguous values; one              \
@@ -512,18 +591,27 @@ CYBN_INLINE void rows_affine_run_##SUFFIX(                                      
 static CYBN_DISPATCH void cybn_rows_affine_##SUFFIX(                                  \
     const T *x, Py_ssize_t x_stride, const T *res, Py_ssize_t res_stride, T *y,       \
     Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,     \
-    const double *mean, const double *scale, const double *shift, int relu, int block) \
+    const double *mean, const double *scale, const double *shift, int relu, int block, \
+    int stream)                                                                       \
 {                                                                                     \
     for (Py_ssize_t r = begin; r < end;) {                                            \
-        const int k = end - r >= block ? block : 1;                                   \
+        const int k = !stream && end - r >= block ? block : 1;                        \
         const T *in = x + r * x_stride;                                               \
         const T *rr = res ? res + r * res_stride : in;                                \
         T *out = y + r * y_stride;                                                    \
-        CYBN_ROWS_CASES(k, res, relu, rows_affine_run_##SUFFIX(                       \
-            in, x_stride, rr, res_stride, out, y_stride, n_channels, K_, mean, scale, \
-            shift, A_, B_));                                                          \
+        if (stream)                                                                   \
+            CYBN_FLAG_CASES(res, relu, CYBN_STREAMED(T, out, (T *)NULL, n_channels,   \
+                i, n, d, d2, rows_affine_run_##SUFFIX(                                \
+                    in + i, x_stride, rr + i, res_stride, d, y_stride, n, 1, mean + i, \
+                    scale + i, shift + i, A_, B_)))                                   \
+        else                                                                          \
+            CYBN_ROWS_CASES(k, res, relu, rows_affine_run_##SUFFIX(                   \
+                in, x_stride, rr, res_stride, out, y_stride, n_channels, K_, mean,    \
+                scale, shift, A_, B_));                                               \
         r += k;                                                                       \
     }                                                                                 \
+    if (stream)                                                                       \
+        stream_fence();                                                               \
 }                                                                                     \
                                                                                       \
 CYBN_INLINE void rows_grad_input_run_##SUFFIX(                                        \
@@ -551,19 +639,29 @@ static CYBN_DISPATCH void cybn_rows_grad_input_##SUFFIX(                        
     const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
     Py_ssize_t x_stride, T *dx, Py_ssize_t dx_stride, T *g_out, Py_ssize_t g_stride,  \
     Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end, const double *mean,      \
-    const double *dy_shift, const double *x_coef, const double *scale, int block)     \
+    const double *dy_shift, const double *x_coef, const double *scale, int block,     \
+    int stream)                                                                       \
 {                                                                                     \
     for (Py_ssize_t r = begin; r < end;) {                                            \
-        const int k = end - r >= block ? block : 1;                                   \
+        const int k = !stream && end - r >= block ? block : 1;                        \
         const T *g = dy + r * dy_stride, *v = x + r * x_stride;                       \
         const T *m = y ? y + r * y_stride : g;                                        \
         T *out = dx + r * dx_stride;                                                  \
         T *keep = g_out ? g_out + r * g_stride : out;                                 \
-        CYBN_ROWS_CASES(k, y, g_out, rows_grad_input_run_##SUFFIX(                    \
-            g, dy_stride, m, y_stride, v, x_stride, out, dx_stride, keep, g_stride,   \
-            n_channels, K_, mean, dy_shift, x_coef, scale, A_, B_));                  \
+        if (stream)                                                                   \
+            CYBN_FLAG_CASES(y, g_out, CYBN_STREAMED(T, out, B_ ? keep : (T *)NULL,    \
+                n_channels, i, n, d, d2, rows_grad_input_run_##SUFFIX(                \
+                    g + i, dy_stride, m + i, y_stride, v + i, x_stride, d, dx_stride, \
+                    B_ ? d2 : d, g_stride, n, 1, mean + i, dy_shift + i, x_coef + i,  \
+                    scale + i, A_, B_)))                                              \
+        else                                                                          \
+            CYBN_ROWS_CASES(k, y, g_out, rows_grad_input_run_##SUFFIX(                \
+                g, dy_stride, m, y_stride, v, x_stride, out, dx_stride, keep, g_stride, \
+                n_channels, K_, mean, dy_shift, x_coef, scale, A_, B_));              \
         r += k;                                                                       \
     }                                                                                 \
+    if (stream)                                                                       \
+        stream_fence();                                                               \
 }
 
 CYBN_DEFINE_LOOPS(float, f32)

@@ -1,0 +1,129 @@
+"""Streaming stores (outputs written around the cache) change no value.
+
+The element-wise passes write by streaming stores only in calls that move
+more than about 64 MB, in runs of at least 512 bytes.  With the threshold set
+to 0 every call with long enough runs takes them, so that every shape, layout,
+fusion and output alignment below is compared bit for bit with plain stores
+(which the other tests check against the reference); one big call checks the
+threshold's own path against the reference."""
+import numpy as np
+import pytest
+
+import cybn
+from cybn import _kernels, reference
+from conftest import SHAPES, assert_close, layouts, random_batch
+
+# conftest's shapes, and runs that start at every offset in a cache line and
+# end with a partial line: odd spatial sizes, odd row lengths, rows cut into
+# channel blocks, channels cut into parts (walked in memory order).
+STREAM_SHAPES = SHAPES + [(2, 3, 17, 19), (3, 2, 130), (5, 640), (37, 1030), (300, 520),
+                          (3, 5, 11, 13, 7), (2, 2, 300, 301)]
+
+
+@pytest.fixture
+def always_stream():
+    old = _kernels.set_stream_above(0)
+    yield
+    _kernels.set_stream_above(old)
+
+
+def offset_empty(shape, dtype, offset):
+    """An uninitialized C-order array starting `offset` elements past a
+    64-byte boundary."""
+    itemsize = np.dtype(dtype).itemsize
+    size = int(np.prod(shape))
+    buffer = np.empty(size + (128 + offset * itemsize) // itemsize, dtype)
+    start = (-buffer.ctypes.data % 64) // itemsize + offset
+    return buffer[start:start + size].reshape(shape)
+
+
+def all_outputs(x, dy, out_offset, grad_offset):
+    """Every output of the functional API on x, dy: train and eval forward,
+    plain and fused, backward plain, in eval mode and fused (dx and
+    grad_residual at their own offsets), and the split API's normalize and
+    grad_input; out= buffers at the given offsets for C-order data."""
+    c = x.shape[1]
+    w = np.linspace(0.5, 1.5, c)
+    b = np.linspace(-1, 1, c)
+    residual = random_batch(x.shape, x.dtype, seed=7)
+    contiguous = x.flags.c_contiguous
+
+    def out(offset):
+        return offset_empty(x.shape, x.dtype, offset) if contiguous else None
+
+    y, mean, invstd = cybn.forward_train(x, w, b, out=out(out_offset))
+    y_fused, _, _ = cybn.forward_train(x, w, b, residual=residual, activation="relu",
+                                       out=out(out_offset))
+    running_var = np.linspace(0.5, 2.0, c).astype(x.dtype)
+    y_eval = cybn.forward_eval(x, mean, running_var, w, b, out=out(out_offset))
+    y_eval_fused = cybn.forward_eval(x, mean, running_var, w, b, residual=residual,
+                                     activation="relu", out=out(out_offset))
+    dx, dw, db = cybn.backward(dy, x, mean, invstd, w, out=out(out_offset))
+    dx_eval, _, _ = cybn.backward(dy, x, mean, invstd, w, training=False, out=out(out_offset))
+    grad_residual = offset_empty(x.shape, x.dtype, grad_offset)
+    dx_fused, dw_fused, _ = cybn.backward(dy, x, mean, invstd, w, activation="relu",
+                                          y=y_fused, grad_residual=grad_residual,
+                                          out=out(out_offset))
+    normalized = cybn.normalize(x, mean, invstd, w, b, out=out(out_offset))
+    count, m, _ = cybn.batch_moments(x)
+    sum_dy, sum_dy_xmu = cybn.grad_sums(dy, x, m)
+    dx_split = cybn.grad_input(dy, x, m, invstd, sum_dy, sum_dy_xmu, count, w,
+                               out=out(out_offset))
+    return dict(y=y, mean=mean, invstd=invstd, y_fused=y_fused, y_eval=y_eval,
+                y_eval_fused=y_eval_fused, dx=dx, dw=dw, db=db, dx_eval=dx_eval,
+                dx_fused=dx_fused, dw_fused=dw_fused, grad_residual=grad_residual,
+                normalized=normalized, dx_split=dx_split)
+
+
+def assert_same_bits(streamed, plain, what):
+    for name in plain:
+        assert streamed[name].tobytes() == plain[name].tobytes(), f"{name} differs, {what}"
+
+
+@pytest.mark.parametrize("shape", STREAM_SHAPES, ids=str)
+@pytest.mark.parametrize("out_offset, grad_offset", [(0, 0), (1, 5), (3, 4)],
+                         ids=["aligned", "misaligned", "other-line-offset"])
+def test_streaming_stores_change_no_value(shape, out_offset, grad_offset, dtype, request):
+    x = random_batch(shape, dtype, seed=1, offset=2.0)
+    dy = random_batch(shape, dtype, seed=2)
+    plain = all_outputs(x, dy, out_offset, grad_offset)
+    request.getfixturevalue("always_stream")
+    streamed = all_outputs(x, dy, out_offset, grad_offset)
+    assert_same_bits(streamed, plain, f"{shape}, offsets {out_offset}/{grad_offset}")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 19), (5, 640), (2, 2, 300, 301)], ids=str)
+def test_streaming_stores_change_no_value_in_any_layout(shape, dtype, request):
+    x = random_batch(shape, dtype, seed=3, offset=-1.0)
+    dy = random_batch(shape, dtype, seed=4)
+    plain = {name: all_outputs(xl, dy, 0, 0) for name, xl in layouts(x)}
+    request.getfixturevalue("always_stream")
+    for name, xl in layouts(x):
+        assert_same_bits(all_outputs(xl, dy, 0, 0), plain[name], f"{shape}, {name}")
+
+
+@pytest.mark.parametrize("shape, axis", [((16, 8, 256, 272), 1), ((8, 64, 68, 256), -1)],
+                         ids=["planar", "channels-last"])
+def test_calls_big_enough_to_stream_match_the_reference(shape, axis):
+    """Over 64 MB moved per call, at the default threshold (float32: 36 MB
+    per array); channels-last rows of 1 KiB."""
+    x = random_batch(shape, np.float32, seed=5, offset=3.0)
+    dy = random_batch(shape, np.float32, seed=6)
+    to_axis1 = (lambda a: np.moveaxis(a, -1, 1)) if axis == -1 else (lambda a: a)
+    c = x.shape[axis]
+    w = np.linspace(0.5, 1.5, c)
+    b = np.linspace(-1, 1, c)
+    y, mean, invstd = cybn.forward_train(x, w, b, axis=axis)
+    y_ref, mean_ref, invstd_ref, *_ = reference.forward_train(to_axis1(x), w, b)
+    assert_close(to_axis1(y), y_ref, np.float32, "train y")
+    del y_ref
+    y_eval = cybn.forward_eval(x, mean_ref, 1 / invstd_ref ** 2, w, b, eps=0.0, axis=axis)
+    assert_close(to_axis1(y_eval), reference.forward_eval(to_axis1(x), mean_ref,
+                                                          1 / invstd_ref ** 2, w, b, eps=0.0),
+                 np.float32, "eval y")
+    del y_eval
+    dx, dw, db = cybn.backward(dy, x, mean, invstd, w, axis=axis)
+    dx_ref, dw_ref, db_ref = reference.backward(to_axis1(dy), to_axis1(x), mean, invstd, w)
+    assert_close(to_axis1(dx), dx_ref, np.float32, "dx")
+    assert_close(dw, dw_ref, np.float32, "dweight")
+    assert_close(db, db_ref, np.float32, "dbias")
