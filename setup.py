@@ -68,5 +68,10 @@ extensions = [
         depends=["cybn/_loops.h"],
     )
 ]
+# The argument checks, compiled as they are written: plain Python, with
+# Python's semantics (Cython's defaults, not the kernels' directives).  About
+# 2 us less per call, a quarter of a small tensor's overhead.
+checks_module = Extension("cybn._api", ["cybn/_api.py"], define_macros=macros)
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives))
+setup(ext_modules=cythonize(extensions, compiler_directives=directives)
+      + cythonize([checks_module], compiler_directives={"language_level": 3}))

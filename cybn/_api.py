@@ -6,6 +6,8 @@ buffer and no running statistic has been touched.
 """
 import math
 import numbers
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -19,6 +21,7 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _specialized(name):
@@ -391,7 +394,7 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, ou
     return _result(out, y, axis), mean, invstd, updated
 
 
-def _update_running(running_mean, running_var, mean, var, count, momentum, stacklevel=4):
+def _update_running(running_mean, running_var, mean, var, count, momentum):
     if _KERNELS["update_running"][running_mean.dtype](running_mean, running_var, mean, var,
                                                       count, momentum):
         return True
@@ -400,8 +403,20 @@ def _update_running(running_mean, running_var, mean, var, count, momentum, stack
     warnings.warn(
         "cybn: the batch statistics are not finite (NaN or Inf in x, or a variance "
         "beyond the dtype's range); running_mean and running_var were left unchanged",
-        RuntimeWarning, stacklevel=stacklevel)
+        RuntimeWarning, stacklevel=_outside_stacklevel())
     return False
+
+
+def _outside_stacklevel():
+    """The stacklevel that points a warning raised by this function's caller
+    at the first caller outside cybn.  Counted from the frames: compiled, the
+    functions of this module have none (warnings then count from the nearest
+    Python frame), and the layers add their own."""
+    frame = sys._getframe(0)
+    level = 0 if frame.f_code.co_name == "_outside_stacklevel" else 1  # run as Python or not
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def forward_eval(x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5,

@@ -236,8 +236,10 @@ def test_nan_and_inf_propagate_and_running_stats_survive(dtype):
     x[1, 2, 1, 1] = np.inf
     running_mean = np.zeros(3, dtype)
     running_var = np.ones(3, dtype)
-    with pytest.warns(RuntimeWarning, match="running_mean and running_var were left unchanged"):
+    with pytest.warns(RuntimeWarning, match="running_mean and running_var were left unchanged"
+                      ) as caught:
         y, mean, _ = cybn.forward_train(x, None, None, running_mean, running_var)
+    assert [w.filename for w in caught] == [__file__]  # points at the caller
     assert np.all(np.isnan(y[:, 1])) and np.isnan(mean[1])
     assert np.isnan(y[1, 2, 1, 1])  # inf - mean(inf)
     assert np.all(np.isfinite(y[:, 0]))

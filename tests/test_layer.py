@@ -186,8 +186,9 @@ def test_non_finite_batch_keeps_the_model():
     state = bn.state_dict()
     bad = random_batch((5, 2), np.float32, seed=1)
     bad[0, 0] = np.inf
-    with pytest.warns(RuntimeWarning, match="left unchanged"):
+    with pytest.warns(RuntimeWarning, match="left unchanged") as caught:
         bn(bad)
+    assert [w.filename for w in caught] == [__file__]  # points at the caller, not cybn
     for key, value in state.items():
         np.testing.assert_array_equal(bn.state_dict()[key], value)
 
