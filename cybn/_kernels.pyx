@@ -254,10 +254,10 @@ cdef inline int rows_write_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channel
     return 1
 
 
-# A call's element-wise pass writes by streaming stores (see _loops.h) when
-# the call moves more than this many bytes; tests lower it to run every shape
-# through those stores.
-cdef Py_ssize_t stream_above = 2 * CACHED_BYTES
+# Element-wise passes write by streaming stores (see streamed) in calls whose
+# arrays exceed this many bytes; tests lower it to run every shape through
+# those stores.
+cdef Py_ssize_t stream_above = CACHED_BYTES
 
 
 def set_stream_above(Py_ssize_t n_bytes):
@@ -267,33 +267,32 @@ def set_stream_above(Py_ssize_t n_bytes):
     return old
 
 
-cdef inline bint streamed(Py_ssize_t n_values, Py_ssize_t n_passes, Py_ssize_t run_values,
-                          Py_ssize_t itemsize) noexcept nogil:
-    """Whether an element-wise pass writes by streaming stores: when the call
-    makes n_passes passes over arrays of n_values (see affine_passes), of
-    more than stream_above bytes in all, and the pass writes contiguous runs
-    of run_values of at least STREAM_RUN_BYTES.  The output could then not
-    stay in the cache anyway; streaming it keeps the inputs there and saves
-    reading its lines from memory before writing them.  Measured here, in
-    old/new runs: training forward 1.1-1.5x and backward 1.05-1.2x on the
-    ResNet shapes moving over 64 MB; evaluation 1.3x at 100 MB per array
-    when memory is the bottleneck, 0.9x when it is not; 0.75-0.9x on data
-    that fits in the cache twice over, and 0.4x on 7 x 7 runs.  No value
-    depends on it."""
+cdef inline bint streamed(Py_ssize_t n_values, Py_ssize_t n_arrays, bint rereads,
+                          Py_ssize_t run_values, Py_ssize_t itemsize) noexcept nogil:
+    """Whether an element-wise pass writes its output by streaming stores (see
+    _loops.h): when the call's n_arrays arrays of n_values exceed the cache,
+    or twice the cache where the pass is the call's only one (the inputs are
+    not read again: rereads is False), and it writes runs of run_values of at
+    least STREAM_RUN_BYTES.  The output could then not stay in the cache
+    anyway; streaming it keeps the inputs there and saves reading its lines
+    from memory before writing them.  Measured here, in old/new runs:
+    training forward 1.1-1.5x and backward 1.05-1.15x on the ResNet shapes
+    over the limits; evaluation 1.3x at 100 MB per array when memory is the
+    bottleneck, 0.9x when it is not, 0.75-0.9x at 25 MB per array (twice
+    the cache in all), 0.4x on 7 x 7 runs.  No value depends on it."""
+    cdef Py_ssize_t limit = stream_above if rereads else 2 * stream_above
     return (run_values * itemsize >= STREAM_RUN_BYTES
-            and n_values * n_passes * itemsize > stream_above)
+            and n_values * n_arrays * itemsize > limit)
 
 
-cdef inline Py_ssize_t affine_passes(bint statistics, bint residual) noexcept nogil:
-    """Passes of y = act(affine(x) [+ residual]): x, y and the residual, and x
-    once more when its statistics were taken first."""
-    return 2 + statistics + residual
+cdef inline Py_ssize_t affine_arrays(bint residual) noexcept nogil:
+    """Arrays of y = act(affine(x) [+ residual])."""
+    return 2 + residual
 
 
-cdef inline Py_ssize_t grad_input_passes(bint sums, bint masked, bint keeps_g) noexcept nogil:
-    """Passes of dx from dy, x (y for the mask; g to grad_residual), and dy,
-    x (and y) once more when the gradient sums were taken first."""
-    return 3 + masked + keeps_g + sums * (2 + masked)
+cdef inline Py_ssize_t grad_input_arrays(bint masked, bint keeps_g) noexcept nogil:
+    """Arrays of dx from dy, x (and y for the mask; g to grad_residual)."""
+    return 3 + masked + keeps_g
 
 
 cdef inline Py_ssize_t part_start(Py_ssize_t part, Py_ssize_t n_parts,
@@ -723,11 +722,13 @@ cdef inline Py_ssize_t runs_per_chunk(Py_ssize_t n_spatial) noexcept nogil:
 cdef void runs_affine_all(Planar x, Planar res, Planar y, Py_ssize_t n_batch,
                           Py_ssize_t n_channels, Py_ssize_t n_spatial, const double *mean,
                           const double *scale, const double *shift, int relu,
-                          Py_ssize_t n_passes, int n_threads, floating *like) noexcept nogil:
+                          Py_ssize_t n_arrays, bint rereads, int n_threads,
+                          floating *like) noexcept nogil:
     """The affine pass over all runs in memory order (chunks are independent:
     their split may depend on anything)."""
     cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
-    cdef bint stream = streamed(n_runs * n_spatial, n_passes, n_spatial, sizeof(floating))
+    cdef bint stream = streamed(n_runs * n_spatial, n_arrays, rereads, n_spatial,
+                                sizeof(floating))
     for k in prange((n_runs + chunk - 1) // chunk, schedule='static', num_threads=n_threads):
         runs_affine(x, res, y, n_channels, n_spatial, k * chunk, min(n_runs, (k + 1) * chunk),
                     mean, scale, shift, relu, stream, like)
@@ -737,10 +738,11 @@ cdef void runs_grad_input_all(Planar dy, Planar y, Planar x, Planar dx, Planar g
                               Py_ssize_t n_batch, Py_ssize_t n_channels,
                               Py_ssize_t n_spatial, const double *mean,
                               const double *dy_shift, const double *x_coef,
-                              const double *scale, Py_ssize_t n_passes, int n_threads,
-                              floating *like) noexcept nogil:
+                              const double *scale, Py_ssize_t n_arrays, bint rereads,
+                              int n_threads, floating *like) noexcept nogil:
     cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
-    cdef bint stream = streamed(n_runs * n_spatial, n_passes, n_spatial, sizeof(floating))
+    cdef bint stream = streamed(n_runs * n_spatial, n_arrays, rereads, n_spatial,
+                                sizeof(floating))
     for k in prange((n_runs + chunk - 1) // chunk, schedule='static', num_threads=n_threads):
         runs_grad_input(dy, y, x, dx, g_out, n_channels, n_spatial, k * chunk,
                         min(n_runs, (k + 1) * chunk), mean, dy_shift, x_coef, scale, stream,
@@ -775,12 +777,12 @@ cdef void grad_coefficients(Py_ssize_t n_channels, Py_ssize_t count, bint traini
 
 cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
                           Py_ssize_t n_channels, const double *mean, const double *scale,
-                          const double *shift, int relu, Py_ssize_t n_passes, int n_threads,
-                          floating *like) noexcept nogil:
+                          const double *shift, int relu, Py_ssize_t n_arrays, bint rereads,
+                          int n_threads, floating *like) noexcept nogil:
     cdef Py_ssize_t task, n_parts = rows_parts(n_rows)
     cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
     cdef int block = rows_write_block(x, n_rows, n_channels, sizeof(floating))
-    cdef bint stream = streamed(n_rows * n_channels, n_passes, n_channels // n_blocks,
+    cdef bint stream = streamed(n_rows * n_channels, n_arrays, rereads, n_channels // n_blocks,
                                 sizeof(floating))
     cdef RowsTask t
     for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
@@ -793,12 +795,12 @@ cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
 cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                               Py_ssize_t n_rows, Py_ssize_t n_channels, const double *mean,
                               const double *dy_shift, const double *x_coef,
-                              const double *scale, Py_ssize_t n_passes, int n_threads,
-                              floating *like) noexcept nogil:
+                              const double *scale, Py_ssize_t n_arrays, bint rereads,
+                              int n_threads, floating *like) noexcept nogil:
     cdef Py_ssize_t task, n_parts = rows_parts(n_rows)
     cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
     cdef int block = rows_write_block(x, n_rows, n_channels, sizeof(floating))
-    cdef bint stream = streamed(n_rows * n_channels, n_passes, n_channels // n_blocks,
+    cdef bint stream = streamed(n_rows * n_channels, n_arrays, rereads, n_channels // n_blocks,
                                 sizeof(floating))
     cdef RowsTask t
     for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
@@ -867,8 +869,8 @@ def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
     cdef int n_threads = threads_for(count * n_channels)
     cdef floating *like = NULL
     cdef double *work = NULL
-    cdef Py_ssize_t n_passes = affine_passes(True, rv.data != NULL)
-    cdef bint stream = streamed(count * n_channels, n_passes, n_spatial, sizeof(floating))
+    cdef Py_ssize_t n_arrays = affine_arrays(rv.data != NULL)
+    cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
     if fused_channels(n_channels, n_spatial, count, sizeof(floating)):
         with nogil:
             # one task per channel: statistics, then y while x is in cache
@@ -889,7 +891,7 @@ def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
                 invstd[c] = 1.0 / sqrt(var[c] + eps)
                 work[c] = weight[c] * invstd[c]
             runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, &mean[0], work,
-                            &bias[0], relu, n_passes, n_threads, like)
+                            &bias[0], relu, n_arrays, True, n_threads, like)
     finally:
         free(work)
 
@@ -914,7 +916,7 @@ def forward_train_rows(const floating[:, :] x, floating[:, :] out,
                 invstd[c] = 1.0 / sqrt(var[c] + eps)
                 work[c] = weight[c] * invstd[c]
             rows_affine_all(xv, rv, yv, n_rows, n_channels, &mean[0], work, &bias[0], relu,
-                            affine_passes(True, rv.data != NULL), n_threads, like)
+                            affine_arrays(rv.data != NULL), True, n_threads, like)
     finally:
         free(work)
 
@@ -936,8 +938,8 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
     cdef double dy_shift, x_coef
     cdef floating *like = NULL
     cdef double *work = NULL
-    cdef Py_ssize_t n_passes = grad_input_passes(True, yv.data != NULL, gv.data != NULL)
-    cdef bint stream = streamed(count * n_channels, n_passes, n_spatial, sizeof(floating))
+    cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
+    cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
     if fused_channels(n_channels, n_spatial, count, sizeof(floating)):
         with nogil:
             # one task per channel: sums, then dx while x and dy are in cache
@@ -965,7 +967,7 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
                               work + 2 * n_channels)
             runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial,
                                 &mean[0], work, work + n_channels, work + 2 * n_channels,
-                                n_passes, n_threads, like)
+                                n_arrays, True, n_threads, like)
     finally:
         free(work)
 
@@ -992,7 +994,7 @@ def backward_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :
                               work + 2 * n_channels)
             rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, &mean[0], work,
                                 work + n_channels, work + 2 * n_channels,
-                                grad_input_passes(True, yv.data != NULL, gv.data != NULL),
+                                grad_input_arrays(yv.data != NULL, gv.data != NULL), True,
                                 n_threads, like)
     finally:
         free(work)
@@ -1066,7 +1068,7 @@ def affine_planar(const floating[:, :, :] x, floating[:, :, :] out,
     cdef floating *like = NULL
     with nogil:
         runs_affine_all(xv, rv, yv, x.shape[0], x.shape[1], x.shape[2], &mean[0], &scale[0],
-                        &shift[0], relu, affine_passes(False, rv.data != NULL),
+                        &shift[0], relu, affine_arrays(rv.data != NULL), False,
                         threads_for(n_values), like)
 
 
@@ -1078,7 +1080,7 @@ def affine_rows(const floating[:, :] x, floating[:, :] out, const double[::1] me
     cdef floating *like = NULL
     with nogil:
         rows_affine_all(xv, rv, yv, x.shape[0], x.shape[1], &mean[0], &scale[0], &shift[0],
-                        relu, affine_passes(False, rv.data != NULL), threads_for(n_values),
+                        relu, affine_arrays(rv.data != NULL), False, threads_for(n_values),
                         like)
 
 
@@ -1129,7 +1131,7 @@ def grad_input_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
     with nogil:
         runs_grad_input_all(dyv, yv, xv, dxv, gv, x.shape[0], x.shape[1], x.shape[2],
                             &mean[0], &dy_shift[0], &x_coef[0], &scale[0],
-                            grad_input_passes(False, yv.data != NULL, gv.data != NULL),
+                            grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
                             threads_for(n_values), like)
 
 
@@ -1145,5 +1147,5 @@ def grad_input_rows(const floating[:, :] dy, const floating[:, :] x, floating[:,
     with nogil:
         rows_grad_input_all(dyv, yv, xv, dxv, gv, x.shape[0], x.shape[1], &mean[0],
                             &dy_shift[0], &x_coef[0], &scale[0],
-                            grad_input_passes(False, yv.data != NULL, gv.data != NULL),
+                            grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
                             threads_for(n_values), like)

@@ -1,8 +1,9 @@
 """Streaming stores (outputs written around the cache) change no value.
 
-The element-wise passes write by streaming stores only in calls that move
-more than about 64 MB, in runs of at least 512 bytes.  With the threshold set
-to 0 every call with long enough runs takes them, so that every shape, layout,
+The element-wise passes write by streaming stores only in calls whose arrays
+exceed the cache (32 MiB; twice that for one-pass calls), in runs of at least
+512 bytes.  With the threshold set to 0 every call with long enough runs
+takes them, so that every shape, layout,
 fusion and output alignment below is compared bit for bit with plain stores
 (which the other tests check against the reference); one big call checks the
 threshold's own path against the reference."""
@@ -105,8 +106,8 @@ def test_streaming_stores_change_no_value_in_any_layout(shape, dtype, request):
 @pytest.mark.parametrize("shape, axis", [((16, 8, 256, 272), 1), ((8, 64, 68, 256), -1)],
                          ids=["planar", "channels-last"])
 def test_calls_big_enough_to_stream_match_the_reference(shape, axis):
-    """Over 64 MB moved per call, at the default threshold (float32: 36 MB
-    per array); channels-last rows of 1 KiB."""
+    """Calls over the default thresholds: float32, 36 MB per array (evaluation
+    included); channels-last rows of 1 KiB."""
     x = random_batch(shape, np.float32, seed=5, offset=3.0)
     dy = random_batch(shape, np.float32, seed=6)
     to_axis1 = (lambda a: np.moveaxis(a, -1, 1)) if axis == -1 else (lambda a: a)
