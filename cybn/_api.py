@@ -517,13 +517,12 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
     layout, (dy_view, x_view, y_view), (dx_view, g_view), (dx, _), finish = _plan(
         [_to_axis1(a, axis) for a in (dy, x, y if relu else None)],
         [(_to_axis1(out, axis), True), (_to_axis1(grad_residual if relu else None, axis), False)])
-    sum_dy = np.empty(n_channels)
-    sum_dy_xmu = np.empty(n_channels)
+    dweight = np.empty(n_channels, x.dtype)
+    dbias = np.empty(n_channels, x.dtype)
     _KERNELS["backward_" + layout][x.dtype](dy_view, x_view, dx_view, mean, invstd, weight,
-                                            training, sum_dy, sum_dy_xmu, y_view, g_view)
+                                            training, dweight, dbias, y_view, g_view)
     finish()
-    return (_result(out, dx, axis), (sum_dy_xmu * invstd).astype(x.dtype),
-            sum_dy.astype(x.dtype))
+    return _result(out, dx, axis), dweight, dbias
 
 
 def fold_batch_norm(weight, bias, bn):

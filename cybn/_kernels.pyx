@@ -921,15 +921,25 @@ def forward_train_rows(const floating[:, :] x, floating[:, :] out,
         free(work)
 
 
+cdef void parameter_gradients(Py_ssize_t n_channels, const double *sum_dy,
+                              const double *sum_dy_xmu, const double *invstd,
+                              floating *dweight, floating *dbias) noexcept nogil:
+    """dweight = sum(g * (x - mean)) * invstd and dbias = sum(g), rounded once."""
+    cdef Py_ssize_t c
+    for c in range(n_channels):
+        dweight[c] = <floating>(sum_dy_xmu[c] * invstd[c])
+        dbias[c] = <floating>sum_dy[c]
+
+
 def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
                     floating[:, :, :] dx, const double[::1] mean,
                     const double[::1] invstd, const double[::1] weight, bint training,
-                    double[::1] sum_dy, double[::1] sum_dy_xmu,
+                    floating[::1] dweight, floating[::1] dbias,
                     const floating[:, :, :] relu_output=None,
                     floating[:, :, :] grad_residual=None):
-    """dx, and the sums behind dbias = sum_dy and dweight = sum_dy_xmu*invstd.
-    With relu_output (the forward's y), dy counts only where y > 0, and that
-    masked dy is also written to grad_residual when given."""
+    """dx, dweight and dbias.  With relu_output (the forward's y), dy counts
+    only where y > 0, and that masked dy is also written to grad_residual
+    when given."""
     cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
     cdef Py_ssize_t count = n_batch * n_spatial, c
     cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
@@ -937,45 +947,52 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
     cdef int n_threads = threads_for(count * n_channels)
     cdef double dy_shift, x_coef
     cdef floating *like = NULL
-    cdef double *work = NULL
     cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
-    if fused_channels(n_channels, n_spatial, count, sizeof(floating)):
-        with nogil:
-            # one task per channel: sums, then dx while x and dy are in cache
-            for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                sum_dy[c] = 0.0
-                sum_dy_xmu[c] = 0.0
-                planar_grad_sums(dyv, yv, xv, c, n_spatial, 0, count, mean[c], &sum_dy[c],
-                                 &sum_dy_xmu[c], like)
-                dy_shift = 0.0
-                x_coef = 0.0
-                if training:
-                    training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count,
-                                               &dy_shift, &x_coef)
-                planar_grad_input(dyv, yv, xv, dxv, gv, c, n_spatial, 0, count, mean[c],
-                                  dy_shift, x_coef, weight[c] * invstd[c], stream, like)
-        return
-    work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + 3 * n_channels)
+    cdef bint fused = fused_channels(n_channels, n_spatial, count, sizeof(floating))
+    # sum_dy, sum_dy_xmu, then (not fused) dy_shift, x_coef, scale and partial sums
+    cdef double *work = scratch(2 * n_channels if fused else
+                                5 * n_channels + planar_scratch(n_batch, n_channels, n_spatial))
+    cdef double *sum_dy = work
+    cdef double *sum_dy_xmu = work + n_channels
+    cdef double *coefficients = work + 2 * n_channels
     try:
         with nogil:
-            planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, &mean[0],
-                                 work + 3 * n_channels, &sum_dy[0], &sum_dy_xmu[0],
-                                 n_threads, like)
-            grad_coefficients(n_channels, count, training, &sum_dy[0], &sum_dy_xmu[0],
-                              &invstd[0], &weight[0], work, work + n_channels,
-                              work + 2 * n_channels)
-            runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial,
-                                &mean[0], work, work + n_channels, work + 2 * n_channels,
-                                n_arrays, True, n_threads, like)
+            if fused:
+                # one task per channel: sums, then dx while x and dy are in cache
+                for c in prange(n_channels, schedule='static', num_threads=n_threads):
+                    sum_dy[c] = 0.0
+                    sum_dy_xmu[c] = 0.0
+                    planar_grad_sums(dyv, yv, xv, c, n_spatial, 0, count, mean[c], &sum_dy[c],
+                                     &sum_dy_xmu[c], like)
+                    dy_shift = 0.0
+                    x_coef = 0.0
+                    if training:
+                        training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count,
+                                                   &dy_shift, &x_coef)
+                    planar_grad_input(dyv, yv, xv, dxv, gv, c, n_spatial, 0, count, mean[c],
+                                      dy_shift, x_coef, weight[c] * invstd[c], stream, like)
+            else:
+                planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, &mean[0],
+                                     coefficients + 3 * n_channels, sum_dy, sum_dy_xmu,
+                                     n_threads, like)
+                grad_coefficients(n_channels, count, training, sum_dy, sum_dy_xmu,
+                                  &invstd[0], &weight[0], coefficients,
+                                  coefficients + n_channels, coefficients + 2 * n_channels)
+                runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial,
+                                    &mean[0], coefficients, coefficients + n_channels,
+                                    coefficients + 2 * n_channels, n_arrays, True, n_threads,
+                                    like)
+            parameter_gradients(n_channels, sum_dy, sum_dy_xmu, &invstd[0], &dweight[0],
+                                &dbias[0])
     finally:
         free(work)
 
 
 def backward_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :] dx,
                   const double[::1] mean, const double[::1] invstd,
-                  const double[::1] weight, bint training, double[::1] sum_dy,
-                  double[::1] sum_dy_xmu, const floating[:, :] relu_output=None,
+                  const double[::1] weight, bint training, floating[::1] dweight,
+                  floating[::1] dbias, const floating[:, :] relu_output=None,
                   floating[:, :] grad_residual=None):
     """backward_planar for the rows layout."""
     cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
@@ -984,18 +1001,23 @@ def backward_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef int n_threads = threads_for(n_rows * n_channels)
     cdef floating *like = NULL
-    cdef double *work = scratch(n_channels * (2 * n_parts + 3))
+    # sum_dy, sum_dy_xmu, then the partial sums, later dy_shift, x_coef, scale
+    cdef double *work = scratch(n_channels * (2 * n_parts + 5))
+    cdef double *sum_dy = work
+    cdef double *sum_dy_xmu = work + n_channels
+    cdef double *rest = work + 2 * n_channels
     try:
         with nogil:
-            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, &mean[0], work,
-                               &sum_dy[0], &sum_dy_xmu[0], n_threads, like)
-            grad_coefficients(n_channels, n_rows, training, &sum_dy[0], &sum_dy_xmu[0],
-                              &invstd[0], &weight[0], work, work + n_channels,
-                              work + 2 * n_channels)
-            rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, &mean[0], work,
-                                work + n_channels, work + 2 * n_channels,
+            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, &mean[0], rest,
+                               sum_dy, sum_dy_xmu, n_threads, like)
+            grad_coefficients(n_channels, n_rows, training, sum_dy, sum_dy_xmu, &invstd[0],
+                              &weight[0], rest, rest + n_channels, rest + 2 * n_channels)
+            rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, &mean[0], rest,
+                                rest + n_channels, rest + 2 * n_channels,
                                 grad_input_arrays(yv.data != NULL, gv.data != NULL), True,
                                 n_threads, like)
+            parameter_gradients(n_channels, sum_dy, sum_dy_xmu, &invstd[0], &dweight[0],
+                                &dbias[0])
     finally:
         free(work)
 
