@@ -729,6 +729,10 @@ cdef void runs_affine_all(Planar x, Planar res, Planar y, Py_ssize_t n_batch,
     cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
     cdef bint stream = streamed(n_runs * n_spatial, n_arrays, rereads, n_spatial,
                                 sizeof(floating))
+    if n_threads == 1:  # one task, no parallel region: about 1 us less per call
+        runs_affine(x, res, y, n_channels, n_spatial, 0, n_runs, mean, scale, shift, relu,
+                    stream, like)
+        return
     for k in prange((n_runs + chunk - 1) // chunk, schedule='static', num_threads=n_threads):
         runs_affine(x, res, y, n_channels, n_spatial, k * chunk, min(n_runs, (k + 1) * chunk),
                     mean, scale, shift, relu, stream, like)
@@ -743,6 +747,10 @@ cdef void runs_grad_input_all(Planar dy, Planar y, Planar x, Planar dx, Planar g
     cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
     cdef bint stream = streamed(n_runs * n_spatial, n_arrays, rereads, n_spatial,
                                 sizeof(floating))
+    if n_threads == 1:  # as in runs_affine_all
+        runs_grad_input(dy, y, x, dx, g_out, n_channels, n_spatial, 0, n_runs, mean, dy_shift,
+                        x_coef, scale, stream, like)
+        return
     for k in prange((n_runs + chunk - 1) // chunk, schedule='static', num_threads=n_threads):
         runs_grad_input(dy, y, x, dx, g_out, n_channels, n_spatial, k * chunk,
                         min(n_runs, (k + 1) * chunk), mean, dy_shift, x_coef, scale, stream,
@@ -785,6 +793,10 @@ cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
     cdef bint stream = streamed(n_rows * n_channels, n_arrays, rereads, n_channels // n_blocks,
                                 sizeof(floating))
     cdef RowsTask t
+    if n_threads == 1:  # as in runs_affine_all
+        rows_affine(x, res, y, n_channels, 0, n_rows, mean, scale, shift, relu, block, stream,
+                    like)
+        return
     for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
         t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
         rows_affine(columns(x, t.first, like), columns(res, t.first, like),
@@ -803,6 +815,10 @@ cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
     cdef bint stream = streamed(n_rows * n_channels, n_arrays, rereads, n_channels // n_blocks,
                                 sizeof(floating))
     cdef RowsTask t
+    if n_threads == 1:  # as in runs_affine_all
+        rows_grad_input(dy, y, x, dx, g_out, n_channels, 0, n_rows, mean, dy_shift, x_coef,
+                        scale, block, stream, like)
+        return
     for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
         t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
         rows_grad_input(columns(dy, t.first, like), columns(y, t.first, like),
@@ -853,6 +869,40 @@ cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch
                              sum_dy_xmu, n_threads, like)
 
 
+cdef inline void train_channel(Planar x, Planar res, Planar y, Py_ssize_t c,
+                               Py_ssize_t n_spatial, Py_ssize_t count, const double *weight,
+                               const double *bias, double eps, double *mean, double *var,
+                               double *invstd, int relu, bint stream,
+                               floating *like) noexcept nogil:
+    """One task of the per-channel path: the statistics of channel c, then
+    its y while its values are in cache."""
+    channel_moments(x, c, n_spatial, count, &mean[c], &var[c], like)
+    var[c] = var[c] / count
+    invstd[c] = 1.0 / sqrt(var[c] + eps)
+    planar_affine(x, res, y, c, n_spatial, 0, count, mean[c], weight[c] * invstd[c], bias[c],
+                  relu, stream, like)
+
+
+cdef inline void backward_channel(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
+                                  Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
+                                  const double *mean, const double *invstd,
+                                  const double *weight, bint training, double *sum_dy,
+                                  double *sum_dy_xmu, bint stream,
+                                  floating *like) noexcept nogil:
+    """One task of the per-channel path: the gradient sums of channel c, then
+    its dx while its dy and x are in cache."""
+    cdef double dy_shift = 0.0, x_coef = 0.0
+    sum_dy[c] = 0.0
+    sum_dy_xmu[c] = 0.0
+    planar_grad_sums(dy, y, x, c, n_spatial, 0, count, mean[c], &sum_dy[c], &sum_dy_xmu[c],
+                     like)
+    if training:
+        training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count, &dy_shift,
+                                   &x_coef)
+    planar_grad_input(dy, y, x, dx, g_out, c, n_spatial, 0, count, mean[c], dy_shift, x_coef,
+                      weight[c] * invstd[c], stream, like)
+
+
 # ---------------------------------------------------------------------------
 # The kernels cybn._api calls.  Optional operands (residual, the forward's
 # output y for the ReLU's backward, grad_residual) may be None.
@@ -873,13 +923,14 @@ def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
     if fused_channels(n_channels, n_spatial, count, sizeof(floating)):
         with nogil:
-            # one task per channel: statistics, then y while x is in cache
-            for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                channel_moments(xv, c, n_spatial, count, &mean[c], &var[c], like)
-                var[c] = var[c] / count
-                invstd[c] = 1.0 / sqrt(var[c] + eps)
-                planar_affine(xv, rv, yv, c, n_spatial, 0, count, mean[c],
-                              weight[c] * invstd[c], bias[c], relu, stream, like)
+            if n_threads == 1:  # no parallel region: about 1 us less per call
+                for c in range(n_channels):
+                    train_channel(xv, rv, yv, c, n_spatial, count, &weight[0], &bias[0], eps,
+                                  &mean[0], &var[0], &invstd[0], relu, stream, like)
+            else:
+                for c in prange(n_channels, schedule='static', num_threads=n_threads):
+                    train_channel(xv, rv, yv, c, n_spatial, count, &weight[0], &bias[0], eps,
+                                  &mean[0], &var[0], &invstd[0], relu, stream, like)
         return
     work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + n_channels)
     try:
@@ -945,7 +996,6 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
     cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
     cdef Planar dxv = planar(dx), gv = planar(grad_residual)
     cdef int n_threads = threads_for(count * n_channels)
-    cdef double dy_shift, x_coef
     cdef floating *like = NULL
     cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
@@ -958,20 +1008,16 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
     cdef double *coefficients = work + 2 * n_channels
     try:
         with nogil:
-            if fused:
-                # one task per channel: sums, then dx while x and dy are in cache
+            if fused and n_threads == 1:  # no parallel region, as in the forward
+                for c in range(n_channels):
+                    backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, &mean[0],
+                                     &invstd[0], &weight[0], training, sum_dy, sum_dy_xmu,
+                                     stream, like)
+            elif fused:
                 for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    sum_dy[c] = 0.0
-                    sum_dy_xmu[c] = 0.0
-                    planar_grad_sums(dyv, yv, xv, c, n_spatial, 0, count, mean[c], &sum_dy[c],
-                                     &sum_dy_xmu[c], like)
-                    dy_shift = 0.0
-                    x_coef = 0.0
-                    if training:
-                        training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count,
-                                                   &dy_shift, &x_coef)
-                    planar_grad_input(dyv, yv, xv, dxv, gv, c, n_spatial, 0, count, mean[c],
-                                      dy_shift, x_coef, weight[c] * invstd[c], stream, like)
+                    backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, &mean[0],
+                                     &invstd[0], &weight[0], training, sum_dy, sum_dy_xmu,
+                                     stream, like)
             else:
                 planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, &mean[0],
                                      coefficients + 3 * n_channels, sum_dy, sum_dy_xmu,
