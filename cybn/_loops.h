@@ -79,36 +79,46 @@ CYBN_INLINE Py_ssize_t line_head(const void *p, Py_ssize_t len, size_t itemsize)
 
 /* Compute a run of len values into out (and, for a second output, out2):
  * BODY computes values [I, I + N) into D (and D2).  Values before out's first
- * line boundary and after its last are computed in place; each whole line
- * into a buffer (N then a constant), which goes out by streaming stores (to
- * out2 too where that is 16-byte aligned, else by a plain copy).  D2 is NULL
- * when out2 is. */
+ * line boundary and after its last are computed in place; whole lines into a
+ * buffer, CYBN_STREAM_LINES at a time (then one at a time; N is a constant
+ * either way), which goes out by streaming stores (to out2 too where that is
+ * 16-byte aligned, else by plain copies).  D2 is NULL when out2 is.  Eight
+ * lines per step measured 1.04-1.1x over one on a 100 MB y = a*x + b. */
+#define CYBN_STREAM_LINES 8
 #define CYBN_STREAMED(T, out, out2, len, I, N, D, D2, ...)                           \
     {                                                                                \
-        enum { LINE_ = CYBN_LINE / sizeof(T) };                                      \
+        enum { LINE_ = CYBN_LINE / sizeof(T), STEP_ = CYBN_STREAM_LINES * LINE_ };   \
         Py_ssize_t I = 0, N = line_head(out, len, sizeof(T));                        \
         T *D = (out), *D2 = (out2);                                                  \
         (void)D2;                                                                    \
         { __VA_ARGS__; }                                                             \
-        for (I = N; I + LINE_ <= (len); I += LINE_) {                                \
-            T line_[LINE_] __attribute__((aligned(CYBN_LINE)));                      \
-            T line2_[LINE_] __attribute__((aligned(CYBN_LINE)));                     \
-            {                                                                        \
-                const Py_ssize_t N = LINE_;                                          \
-                T *D = line_, *D2 = line2_;                                          \
-                (void)D2;                                                            \
-                __VA_ARGS__;                                                         \
-            }                                                                        \
-            stream_line((out) + I, line_);                                           \
-            if ((out2) && (size_t)((out2) + I) % 16 == 0)                            \
-                stream_line((out2) + I, line2_);                                     \
-            else if (out2)                                                           \
-                memcpy((out2) + I, line2_, sizeof line2_);                           \
-        }                                                                            \
+        for (I = N; I + STEP_ <= (len); I += STEP_)                                  \
+            CYBN_STREAM_STEP(T, out, out2, I, STEP_, N, D, D2, __VA_ARGS__)          \
+        for (; I + LINE_ <= (len); I += LINE_)                                       \
+            CYBN_STREAM_STEP(T, out, out2, I, LINE_, N, D, D2, __VA_ARGS__)          \
         N = (len) - I;                                                               \
         D = (out) + I;                                                               \
         D2 = (out2) ? (out2) + I : (out2);                                           \
         { __VA_ARGS__; }                                                             \
+    }
+/* Whole lines [I, I + SIZE) of CYBN_STREAMED. */
+#define CYBN_STREAM_STEP(T, out, out2, I, SIZE, N, D, D2, ...)                       \
+    {                                                                                \
+        T buffer_[SIZE] __attribute__((aligned(CYBN_LINE)));                         \
+        T buffer2_[SIZE] __attribute__((aligned(CYBN_LINE)));                        \
+        {                                                                            \
+            const Py_ssize_t N = SIZE;                                               \
+            T *D = buffer_, *D2 = buffer2_;                                          \
+            (void)D2;                                                                \
+            __VA_ARGS__;                                                             \
+        }                                                                            \
+        for (int k_ = 0; k_ < (SIZE); k_ += LINE_) {                                 \
+            stream_line((out) + I + k_, buffer_ + k_);                               \
+            if ((out2) && (size_t)((out2) + I) % 16 == 0)                            \
+                stream_line((out2) + I + k_, buffer2_ + k_);                         \
+            else if (out2)                                                           \
+                memcpy((out2) + I + k_, buffer2_ + k_, CYBN_LINE);                   \
+        }                                                                            \
     }
 
 /* Sums keep 16 partial sums in two 8-lane vectors (GCC vector extensions, so
