@@ -255,8 +255,8 @@ cdef inline int rows_write_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channel
 
 
 # Element-wise passes write by streaming stores (see streamed) in calls whose
-# arrays exceed this many bytes; tests lower it to run every shape through
-# those stores.
+# arrays exceed this many bytes; tests lower it to run every shape that can
+# through those stores.
 cdef Py_ssize_t stream_above = CACHED_BYTES
 
 
@@ -270,19 +270,19 @@ def set_stream_above(Py_ssize_t n_bytes):
 cdef inline bint streamed(Py_ssize_t n_values, Py_ssize_t n_arrays, bint rereads,
                           Py_ssize_t run_values, Py_ssize_t itemsize) noexcept nogil:
     """Whether an element-wise pass writes its output by streaming stores (see
-    _loops.h): when the call's n_arrays arrays of n_values exceed the cache,
-    or twice the cache where the pass is the call's only one (the inputs are
-    not read again: rereads is False), and it writes runs of run_values of at
-    least STREAM_RUN_BYTES.  The output could then not stay in the cache
-    anyway; streaming it keeps the inputs there and saves reading its lines
-    from memory before writing them.  Measured here, in old/new runs:
-    training forward 1.1-1.5x and backward 1.05-1.15x on the ResNet shapes
-    over the limits; evaluation 1.3x at 100 MB per array when memory is the
-    bottleneck, 0.9x when it is not, 0.75-0.9x at 25 MB per array (twice
-    the cache in all), 0.4x on 7 x 7 runs.  No value depends on it."""
-    cdef Py_ssize_t limit = stream_above if rereads else 2 * stream_above
-    return (run_values * itemsize >= STREAM_RUN_BYTES
-            and n_values * n_arrays * itemsize > limit)
+    _loops.h): in calls that read their inputs a second time (after the
+    statistics or gradient sums: rereads), whose n_arrays arrays of n_values
+    exceed the cache, in runs of run_values of at least STREAM_RUN_BYTES.
+    The output could not stay in the cache anyway; streaming it keeps the
+    inputs there for the second pass and saves reading its lines from memory
+    before writing them.  Measured here against plain stores, in the same
+    runs: training forward 1.1-1.4x and backward 1.0-1.15x on the ResNet
+    shapes over the limit.  One-pass calls (evaluation) gain 1.3x on 100 MB
+    arrays when memory is the bottleneck but lose 0.9x when it is not, which
+    costs them parity with PyTorch here: they write plainly.  No value
+    depends on it."""
+    return (rereads and run_values * itemsize >= STREAM_RUN_BYTES
+            and n_values * n_arrays * itemsize > stream_above)
 
 
 cdef inline Py_ssize_t affine_arrays(bint residual) noexcept nogil:
