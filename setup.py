@@ -27,6 +27,10 @@ compile_args = [
     # Floating-point compares may be if-converted (the ReLU and its mask
     # vectorize); cybn never reads the floating-point exception flags.
     "-fno-trapping-math",
+    # sqrt without setting errno for negative input (its result is the same
+    # IEEE value), so that loops over channels vectorize it: computing
+    # 1/sqrt(var + eps) for 2048 channels went from 11.6 to 6.2 us.
+    "-fno-math-errno",
     # The 8-lane vector helpers in _loops.h are always inlined; GCC still
     # warns that their ABI would differ between the target clones.
     "-Wno-psabi",
