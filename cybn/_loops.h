@@ -1,5 +1,5 @@
 /*
- * The loops of cybn's kernels, in C for three things Cython cannot say:
+ * The loops of cybn's kernels, in C for four things Cython cannot say:
  *
  *  - A floating-point sum only vectorizes if the compiler may reorder it.
  *    Instead of letting it reorder freely (which would make the result depend
@@ -11,6 +11,7 @@
  *  - One binary runs well on any x86-64: the task-level functions are cloned
  *    for AVX2 and AVX-512 and the best clone is picked at load time
  *    (GCC's target_clones).  A native build (CYBN_NATIVE=1) does without.
+ *  - Outputs too big to stay in the cache go out by streaming stores.
  *
  * Two layouts (see _kernels.pyx): "planar", where a channel is runs of
  * n_spatial contiguous values batch_stride elements apart and a task covers
@@ -46,10 +47,10 @@ static inline int cybn_max_threads(void) { return 1; }
 /* Non-temporal ("streaming") stores, for outputs that could not stay in the
  * cache anyway (the caller decides, see streamed in _kernels.pyx): a plain
  * store first reads the line it writes from memory and evicts cached inputs;
- * a streaming store does neither.  The element-wise loops compute a cache
- * line's worth of values into a buffer, then stream it out with SSE2 stores
- * (part of x86-64, so every clone has them; the write-combining buffers
- * merge them into whole lines). */
+ * a streaming store does neither.  The element-wise loops compute whole cache
+ * lines of values into a buffer, then stream them out with SSE2 stores (part
+ * of x86-64, so every clone has them; the write-combining buffers merge them
+ * into whole lines). */
 #define CYBN_LINE 64
 #if defined(__SSE2__)
 #include <emmintrin.h>
