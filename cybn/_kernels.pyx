@@ -783,25 +783,42 @@ cdef void grad_coefficients(Py_ssize_t n_channels, Py_ssize_t count, bint traini
 # ---------------------------------------------------------------------------
 # Element-wise passes over all tasks.
 
+ctypedef struct RowsWrite:
+    # How an element-wise rows pass runs: n_parts row ranges times n_blocks
+    # channel blocks, `block` rows per step, streamed or not.
+    Py_ssize_t n_parts, n_blocks
+    int block
+    bint stream
+
+
+cdef inline RowsWrite rows_write(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels,
+                                 Py_ssize_t n_arrays, bint rereads,
+                                 Py_ssize_t itemsize) noexcept nogil:
+    cdef RowsWrite w
+    w.n_parts = rows_parts(n_rows)
+    w.n_blocks = rows_blocks(w.n_parts, n_channels)
+    w.block = rows_write_block(x, n_rows, n_channels, itemsize)
+    w.stream = streamed(n_rows * n_channels, n_arrays, rereads, n_channels // w.n_blocks,
+                        itemsize)
+    return w
+
+
 cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
                           Py_ssize_t n_channels, const double *mean, const double *scale,
                           const double *shift, int relu, Py_ssize_t n_arrays, bint rereads,
                           int n_threads, floating *like) noexcept nogil:
-    cdef Py_ssize_t task, n_parts = rows_parts(n_rows)
-    cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
-    cdef int block = rows_write_block(x, n_rows, n_channels, sizeof(floating))
-    cdef bint stream = streamed(n_rows * n_channels, n_arrays, rereads, n_channels // n_blocks,
-                                sizeof(floating))
+    cdef RowsWrite w = rows_write(x, n_rows, n_channels, n_arrays, rereads, sizeof(floating))
+    cdef Py_ssize_t task
     cdef RowsTask t
     if n_threads == 1:  # as in runs_affine_all
-        rows_affine(x, res, y, n_channels, 0, n_rows, mean, scale, shift, relu, block, stream,
-                    like)
+        rows_affine(x, res, y, n_channels, 0, n_rows, mean, scale, shift, relu, w.block,
+                    w.stream, like)
         return
-    for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
-        t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
+    for task in prange(w.n_parts * w.n_blocks, schedule='static', num_threads=n_threads):
+        t = rows_task(task, w.n_parts, w.n_blocks, n_rows, n_channels)
         rows_affine(columns(x, t.first, like), columns(res, t.first, like),
                     columns(y, t.first, like), t.count, t.begin, t.end, mean + t.first,
-                    scale + t.first, shift + t.first, relu, block, stream, like)
+                    scale + t.first, shift + t.first, relu, w.block, w.stream, like)
 
 
 cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
@@ -809,23 +826,20 @@ cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                               const double *dy_shift, const double *x_coef,
                               const double *scale, Py_ssize_t n_arrays, bint rereads,
                               int n_threads, floating *like) noexcept nogil:
-    cdef Py_ssize_t task, n_parts = rows_parts(n_rows)
-    cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
-    cdef int block = rows_write_block(x, n_rows, n_channels, sizeof(floating))
-    cdef bint stream = streamed(n_rows * n_channels, n_arrays, rereads, n_channels // n_blocks,
-                                sizeof(floating))
+    cdef RowsWrite w = rows_write(x, n_rows, n_channels, n_arrays, rereads, sizeof(floating))
+    cdef Py_ssize_t task
     cdef RowsTask t
     if n_threads == 1:  # as in runs_affine_all
         rows_grad_input(dy, y, x, dx, g_out, n_channels, 0, n_rows, mean, dy_shift, x_coef,
-                        scale, block, stream, like)
+                        scale, w.block, w.stream, like)
         return
-    for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
-        t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
+    for task in prange(w.n_parts * w.n_blocks, schedule='static', num_threads=n_threads):
+        t = rows_task(task, w.n_parts, w.n_blocks, n_rows, n_channels)
         rows_grad_input(columns(dy, t.first, like), columns(y, t.first, like),
                         columns(x, t.first, like), columns(dx, t.first, like),
                         columns(g_out, t.first, like), t.count, t.begin, t.end,
                         mean + t.first, dy_shift + t.first, x_coef + t.first,
-                        scale + t.first, block, stream, like)
+                        scale + t.first, w.block, w.stream, like)
 
 
 cdef inline bint fused_channels(Py_ssize_t n_channels, Py_ssize_t n_spatial,
