@@ -24,6 +24,7 @@
 #ifndef CYBN_LOOPS_H
 #define CYBN_LOOPS_H
 
+
 #include <Python.h> /* Py_ssize_t */
 #include <string.h> /* memcpy */
 
@@ -148,6 +149,16 @@ CYBN_INLINE double lanes_total(const cybn_v8d *v) /* a pointer: no vector ABI */
            + (((*v)[4] + (*v)[5]) + ((*v)[6] + (*v)[7]));
 }
 
+/* Ask for a run of bytes from p into the cache ahead of its use.  The
+ * per-channel sums do it ahead runs early where the caller says so (short runs
+ * of uncached data): there the runs are far apart in memory, each too short
+ * for the hardware prefetcher to pick up. */
+CYBN_INLINE void prefetch_run(const void *p, Py_ssize_t bytes)
+{
+    for (Py_ssize_t o = 0; o < bytes; o += CYBN_LINE)
+        __builtin_prefetch((const char *)p + o, 0, 3);
+}
+
 /* Rows layout: the sums take CYBN_ROWS_BLOCK rows per step, the element-wise
  * passes CYBN_WRITE_BLOCK, where the caller says so (see _kernels.pyx). */
 #define CYBN_ROWS_BLOCK 8
@@ -266,16 +277,20 @@ CYBN_INLINE void grad_sums_run_##SUFFIX(const T *dy, const T *y, const T *x,    
                                                                                       \
 /* ---- planar: one channel's flat indices [begin, end) ---- */                       \
                                                                                       \
-/* *sum += sum(x - shift); *sumsq += sum((x - shift)^2). */                           \
+/* *sum += sum(x - shift); *sumsq += sum((x - shift)^2).  Each run asks for the       \
+ * one `ahead` runs later (0: none; see prefetch_run). */                             \
 static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                                  \
     const T *x, Py_ssize_t batch_stride, Py_ssize_t n_spatial, Py_ssize_t begin,      \
-    Py_ssize_t end, double shift, double *sum, double *sumsq)                         \
+    Py_ssize_t end, double shift, double *sum, double *sumsq, Py_ssize_t ahead)       \
 {                                                                                     \
     cybn_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                  \
     double ts = 0.0, tq = 0.0;                                                        \
-    CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len,                                   \
-                  shifted_sums_run_##SUFFIX(x + n * batch_stride + s, len, shift, &s0, \
-                                            &s1, &q0, &q1, &ts, &tq))                 \
+    CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
+        if (ahead && (n + ahead) * n_spatial < end)                                   \
+            prefetch_run(x + (n + ahead) * batch_stride, n_spatial * sizeof(T));      \
+        shifted_sums_run_##SUFFIX(x + n * batch_stride + s, len, shift, &s0, &s1, &q0,\
+                                  &q1, &ts, &tq);                                     \
+    })                                                                                \
     s0 += s1;                                                                         \
     q0 += q1;                                                                         \
     *sum += lanes_total(&s0) + ts;                                                    \
@@ -283,16 +298,22 @@ static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                            
 }                                                                                     \
                                                                                       \
 /* *sum_dy += sum(g); *sum_dy_xmu += sum(g * (x - mean)); y, when not NULL,       \
- * masks dy (the ReLU's backward). */                                              \
+ * masks dy (the ReLU's backward).  Prefetches as cybn_planar_sums.  */               \
 static CYBN_DISPATCH void cybn_planar_grad_sums_##SUFFIX(                             \
     const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
     Py_ssize_t x_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,      \
-    double mean, double *sum_dy, double *sum_dy_xmu)                                  \
+    double mean, double *sum_dy, double *sum_dy_xmu, Py_ssize_t ahead)                \
 {                                                                                     \
     cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                                  \
     double ts = 0.0, tp = 0.0;                                                        \
     CYBN_FOR_RUNS(begin, end, n_spatial, n, s, len, {                                 \
         const T *g = dy + n * dy_stride + s, *v = x + n * x_stride + s;               \
+        if (ahead && (n + ahead) * n_spatial < end) {                                 \
+            prefetch_run(dy + (n + ahead) * dy_stride, n_spatial * sizeof(T));        \
+            prefetch_run(x + (n + ahead) * x_stride, n_spatial * sizeof(T));          \
+            if (y)                                                                    \
+                prefetch_run(y + (n + ahead) * y_stride, n_spatial * sizeof(T));      \
+        }                                                                             \
         if (y)                                                                        \
             grad_sums_run_##SUFFIX(g, y + n * y_stride + s, v, len, mean, &s0, &s1,   \
                                    &p0, &p1, &ts, &tp, 1);                            \
