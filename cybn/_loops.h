@@ -600,7 +600,9 @@ static CYBN_DISPATCH void cybn_rows_grad_sums_##SUFFIX(                         
     }                                                                                 \
 }                                                                                     \
                                                                                       \
-/* Every value is computed the same way whatever the block. */                   \
+/* Every value is computed the same way whatever the block.  The k rows' values       \
+ * are all loaded before any is stored: a store followed by a load at the same        \
+ * address modulo 4 KiB (the next row, for rows of a page) would wait on it. */       \
 CYBN_INLINE void rows_affine_run_##SUFFIX(                                            \
     const T *in, Py_ssize_t in_stride, const T *res, Py_ssize_t res_stride, T *out,   \
     Py_ssize_t out_stride, Py_ssize_t n_channels, const int k, const double *mean,    \
@@ -609,17 +611,18 @@ CYBN_INLINE void rows_affine_run_##SUFFIX(                                      
     CYBN_PRAGMA(omp simd)                                                             \
     for (Py_ssize_t c = 0; c < n_channels; c++) {                                     \
         const double m = mean[c], s = scale[c], b = shift[c];                         \
+        double v[CYBN_WRITE_BLOCK];                                                   \
         for (int j = 0; j < k; j++) {                                                 \
-            double v = ((double)in[j * in_stride + c] - m) * s + b;                   \
+            v[j] = ((double)in[j * in_stride + c] - m) * s + b;                       \
             if (add)                                                                  \
-                v += (double)res[j * res_stride + c];                                 \
+                v[j] += (double)res[j * res_stride + c];                              \
             if (relu)                                                                 \
-                v = v < 0.0 ? 0.0 : v;                                                \
-            out[j * out_stride + c] = (T)v;                                           \
+                v[j] = v[j] < 0.0 ? 0.0 : v[j];                                       \
         }                                                                             \
+        for (int j = 0; j < k; j++)                                                   \
+            out[j * out_stride + c] = (T)v[j];                                        \
     }                                                                                 \
 }                                                                                     \
-                                                                                      \
 static CYBN_DISPATCH void cybn_rows_affine_##SUFFIX(                                  \
     const T *x, Py_ssize_t x_stride, const T *res, Py_ssize_t res_stride, T *y,       \
     Py_ssize_t y_stride, Py_ssize_t n_channels, Py_ssize_t begin, Py_ssize_t end,     \
@@ -655,14 +658,17 @@ CYBN_INLINE void rows_grad_input_run_##SUFFIX(                                  
     CYBN_PRAGMA(omp simd)                                                             \
     for (Py_ssize_t c = 0; c < n_channels; c++) {                                     \
         const double m = mean[c], h = dy_shift[c], q = x_coef[c], s = scale[c];       \
+        double g[CYBN_WRITE_BLOCK], v[CYBN_WRITE_BLOCK];                              \
         for (int j = 0; j < k; j++) {                                                 \
-            double g = (double)dy[j * dy_stride + c];                                 \
+            g[j] = (double)dy[j * dy_stride + c];                                     \
             if (masked)                                                               \
-                g = y[j * y_stride + c] > 0 ? g : 0.0;                                \
+                g[j] = y[j * y_stride + c] > 0 ? g[j] : 0.0;                          \
+            v[j] = ((g[j] - h) - ((double)x[j * x_stride + c] - m) * q) * s;          \
+        }                                                                             \
+        for (int j = 0; j < k; j++) {                                                 \
             if (keep_g)                                                               \
-                g_out[j * g_stride + c] = (T)g;                                       \
-            dx[j * dx_stride + c] =                                                   \
-                (T)(((g - h) - ((double)x[j * x_stride + c] - m) * q) * s);           \
+                g_out[j * g_stride + c] = (T)g[j];                                    \
+            dx[j * dx_stride + c] = (T)v[j];                                          \
         }                                                                             \
     }                                                                                 \
 }                                                                                     \
