@@ -152,7 +152,7 @@ cdef Py_ssize_t SHORT_RUN_BYTES = 2048
 cdef Py_ssize_t CACHED_BYTES = 32 << 20
 cdef Py_ssize_t BATCH_PARTS = 16
 # The per-channel sums over runs shorter than SHORT_RUN_BYTES prefetch
-# PREFETCH_RUNS runs ahead in calls over uncached_above (see runs_ahead).
+# PREFETCH_RUNS runs ahead (see runs_ahead).
 cdef Py_ssize_t PREFETCH_RUNS = 2
 # Element-wise passes in memory order take chunks of about this many values.
 cdef Py_ssize_t CHUNK_VALUES = 1 << 14
@@ -207,19 +207,17 @@ cdef inline bint short_runs(Py_ssize_t n_values, Py_ssize_t n_spatial,
     return n_spatial * itemsize < SHORT_RUN_BYTES and n_values * itemsize > CACHED_BYTES
 
 
-cdef inline Py_ssize_t runs_ahead(Py_ssize_t n_values, Py_ssize_t n_arrays,
-                                  Py_ssize_t n_spatial, Py_ssize_t itemsize) noexcept nogil:
-    """Runs ahead that the per-channel sums prefetch (0: none), for a call of
-    n_arrays arrays of n_values.  Short runs of a channel lie a whole batch
-    stride apart, each too short for the hardware prefetcher to pick up, so
-    that the per-channel path waits on memory run after run.  Measured here
-    against no prefetching, float32 backward 1.4x and training forward 1.2x
-    at 32x1024x14x14, backward 1.1x at 32x2048x7x7; more runs ahead were no
-    better, and runs of 3 KiB lost 0.9x (the hardware prefetcher has them).
-    With data in the cache there is nothing to gain.  No value depends on it."""
-    if n_spatial * itemsize < SHORT_RUN_BYTES and n_values * n_arrays * itemsize > uncached_above:
-        return PREFETCH_RUNS
-    return 0
+cdef inline Py_ssize_t runs_ahead(Py_ssize_t n_spatial, Py_ssize_t itemsize) noexcept nogil:
+    """Runs ahead that the per-channel sums prefetch (0: none).  Short runs of
+    a channel lie a whole batch stride apart, each too short for the hardware
+    prefetcher to pick up, so that the per-channel path waits on the memory
+    or the last-level cache run after run.  Measured here against no
+    prefetching, float32 backward 1.3-1.4x and training forward 1.15-1.2x
+    at 32x1024x14x14 (over the cache), backward 1.25x at 32x256x14x14 (in
+    it), 1.0-1.07x elsewhere; more runs ahead were no better, and runs of
+    3 KiB lost 0.9x (the hardware prefetcher has them).  No value depends
+    on it."""
+    return PREFETCH_RUNS if n_spatial * itemsize < SHORT_RUN_BYTES else 0
 
 
 cdef inline Py_ssize_t rows_parts(Py_ssize_t n_rows) noexcept nogil:
@@ -275,18 +273,16 @@ cdef inline int rows_write_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channel
     return 1
 
 
-# Calls whose arrays exceed this many bytes are taken to miss the cache: their
-# element-wise passes write by streaming stores (see streamed) and their
-# per-channel sums prefetch (see runs_ahead).  Tests lower it to run every
-# shape that can through both.
-cdef Py_ssize_t uncached_above = CACHED_BYTES
+# Element-wise passes write by streaming stores (see streamed) in calls whose
+# arrays exceed this many bytes; tests lower it to run every shape that can
+# through those stores.
+cdef Py_ssize_t stream_above = CACHED_BYTES
 
 
-def set_uncached_above(Py_ssize_t n_bytes):
-    """Set the size above which calls are taken to miss the cache; returns
-    the old one."""
-    global uncached_above
-    old, uncached_above = uncached_above, n_bytes
+def set_stream_above(Py_ssize_t n_bytes):
+    """Set the size above which outputs are streamed; returns the old one."""
+    global stream_above
+    old, stream_above = stream_above, n_bytes
     return old
 
 
@@ -305,7 +301,7 @@ cdef inline bint streamed(Py_ssize_t n_values, Py_ssize_t n_arrays, bint rereads
     costs them parity with PyTorch here: they write plainly.  No value
     depends on it."""
     return (rereads and run_values * itemsize >= STREAM_RUN_BYTES
-            and n_values * n_arrays * itemsize > uncached_above)
+            and n_values * n_arrays * itemsize > stream_above)
 
 
 cdef inline Py_ssize_t affine_arrays(bint residual) noexcept nogil:
@@ -377,7 +373,8 @@ cdef inline floating *channel(Planar v, Py_ssize_t c, floating *like) noexcept n
 
 cdef inline void planar_sums(Planar x, Py_ssize_t c, Py_ssize_t n_spatial,
                              Py_ssize_t begin, Py_ssize_t end, double shift, double *s,
-                             double *q, Py_ssize_t ahead, floating *like) noexcept nogil:
+                             double *q, floating *like) noexcept nogil:
+    cdef Py_ssize_t ahead = runs_ahead(n_spatial, sizeof(floating))
     if floating is float:
         planar_sums_f32(channel(x, c, like), x.batch_stride, n_spatial, begin, end, shift, s, q,
                         ahead)
@@ -389,7 +386,8 @@ cdef inline void planar_sums(Planar x, Py_ssize_t c, Py_ssize_t n_spatial,
 cdef inline void planar_grad_sums(Planar dy, Planar y, Planar x, Py_ssize_t c,
                                   Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,
                                   double mean, double *sum_dy, double *sum_dy_xmu,
-                                  Py_ssize_t ahead, floating *like) noexcept nogil:
+                                  floating *like) noexcept nogil:
+    cdef Py_ssize_t ahead = runs_ahead(n_spatial, sizeof(floating))
     if floating is float:
         planar_grad_sums_f32(channel(dy, c, like), dy.batch_stride, channel(y, c, like),
                              y.batch_stride, channel(x, c, like), x.batch_stride, n_spatial,
@@ -595,22 +593,21 @@ cdef void finish_moments(double *partial, Py_ssize_t n_channels, Py_ssize_t n_pa
 
 
 cdef void channel_moments(Planar x, Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
-                          double *mean, double *m2, Py_ssize_t ahead,
-                          floating *like) noexcept nogil:
+                          double *mean, double *m2, floating *like) noexcept nogil:
     """mean and M2 of one planar channel, in one task."""
     cdef double s = 0.0, q = 0.0, shift = channel(x, c, like)[0]
-    planar_sums(x, c, n_spatial, 0, count, shift, &s, &q, ahead, like)
+    planar_sums(x, c, n_spatial, 0, count, shift, &s, &q, like)
     mean[0] = shift + s / count
     if floating is double:
         s = 0.0
         q = 0.0
-        planar_sums(x, c, n_spatial, 0, count, mean[0], &s, &q, ahead, like)
+        planar_sums(x, c, n_spatial, 0, count, mean[0], &s, &q, like)
     m2[0] = centered_m2(s, q, count)
 
 
 cdef void planar_moments(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
                          Py_ssize_t count, Py_ssize_t n_parts, double *partial,
-                         double *mean, double *m2, Py_ssize_t ahead, int n_threads,
+                         double *mean, double *m2, int n_threads,
                          floating *like) noexcept nogil:
     """mean and M2 of every planar channel, n_parts tasks per channel;
     partial holds 2 * n_channels * n_parts doubles."""
@@ -625,7 +622,7 @@ cdef void planar_moments(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
             partial[2 * task + 1] = 0.0
             planar_sums(x, c, n_spatial, part_start(p, n_parts, count),
                         part_start(p + 1, n_parts, count), mean[c], &partial[2 * task],
-                        &partial[2 * task + 1], ahead, like)
+                        &partial[2 * task + 1], like)
         finish_moments(partial, n_channels, n_parts, 2, 2 * n_parts, 1, count, pass_ == 0,
                        mean, m2)
 
@@ -658,7 +655,7 @@ cdef void rows_moments(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels, Py_ssiz
 cdef void planar_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_channels,
                                Py_ssize_t n_spatial, Py_ssize_t count, Py_ssize_t n_parts,
                                const double *mean, double *partial, double *sum_dy,
-                               double *sum_dy_xmu, Py_ssize_t ahead, int n_threads,
+                               double *sum_dy_xmu, int n_threads,
                                floating *like) noexcept nogil:
     """Gradient sums of every planar channel in n_parts tasks per channel;
     partial holds 2 * n_channels * n_parts doubles."""
@@ -670,7 +667,7 @@ cdef void planar_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_chann
         partial[2 * task + 1] = 0.0
         planar_grad_sums(dy, y, x, c, n_spatial, part_start(p, n_parts, count),
                          part_start(p + 1, n_parts, count), mean[c], &partial[2 * task],
-                         &partial[2 * task + 1], ahead, like)
+                         &partial[2 * task + 1], like)
     merge_parts(partial, n_channels, n_parts, 2, 2 * n_parts, 1, sum_dy, sum_dy_xmu)
 
 
@@ -891,9 +888,7 @@ cdef void planar_statistics(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
         runs_moments(x, n_batch, n_channels, n_spatial, partial, mean, m2, n_threads, like)
     else:
         planar_moments(x, n_channels, n_spatial, count, planar_parts(n_channels, count),
-                       partial, mean, m2,
-                       runs_ahead(count * n_channels, 1, n_spatial, sizeof(floating)),
-                       n_threads, like)
+                       partial, mean, m2, n_threads, like)
 
 
 cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
@@ -908,20 +903,17 @@ cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch
     else:
         planar_grad_sums_all(dy, y, x, n_channels, n_spatial, count,
                              planar_parts(n_channels, count), mean, partial, sum_dy,
-                             sum_dy_xmu,
-                             runs_ahead(count * n_channels, 2 + (y.data != NULL), n_spatial,
-                                        sizeof(floating)),
-                             n_threads, like)
+                             sum_dy_xmu, n_threads, like)
 
 
 cdef inline void train_channel(Planar x, Planar res, Planar y, Py_ssize_t c,
                                Py_ssize_t n_spatial, Py_ssize_t count, const double *weight,
                                const double *bias, double eps, double *mean, double *var,
-                               double *invstd, int relu, bint stream, Py_ssize_t ahead,
+                               double *invstd, int relu, bint stream,
                                floating *like) noexcept nogil:
     """One task of the per-channel path: the statistics of channel c, then
     its y while its values are in cache."""
-    channel_moments(x, c, n_spatial, count, &mean[c], &var[c], ahead, like)
+    channel_moments(x, c, n_spatial, count, &mean[c], &var[c], like)
     var[c] = var[c] / count
     invstd[c] = 1.0 / sqrt(var[c] + eps)
     planar_affine(x, res, y, c, n_spatial, 0, count, mean[c], weight[c] * invstd[c], bias[c],
@@ -932,7 +924,7 @@ cdef inline void backward_channel(Planar dy, Planar y, Planar x, Planar dx, Plan
                                   Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
                                   const double *mean, const double *invstd,
                                   const double *weight, bint training, double *sum_dy,
-                                  double *sum_dy_xmu, bint stream, Py_ssize_t ahead,
+                                  double *sum_dy_xmu, bint stream,
                                   floating *like) noexcept nogil:
     """One task of the per-channel path: the gradient sums of channel c, then
     its dx while its dy and x are in cache."""
@@ -940,7 +932,7 @@ cdef inline void backward_channel(Planar dy, Planar y, Planar x, Planar dx, Plan
     sum_dy[c] = 0.0
     sum_dy_xmu[c] = 0.0
     planar_grad_sums(dy, y, x, c, n_spatial, 0, count, mean[c], &sum_dy[c], &sum_dy_xmu[c],
-                     ahead, like)
+                     like)
     if training:
         training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count, &dy_shift,
                                    &x_coef)
@@ -966,17 +958,16 @@ def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
     cdef double *work = NULL
     cdef Py_ssize_t n_arrays = affine_arrays(rv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
-    cdef Py_ssize_t ahead = runs_ahead(count * n_channels, n_arrays, n_spatial, sizeof(floating))
     if fused_channels(n_channels, n_spatial, count, sizeof(floating)):
         with nogil:
             if n_threads == 1:  # no parallel region: about 1 us less per call
                 for c in range(n_channels):
                     train_channel(xv, rv, yv, c, n_spatial, count, &weight[0], &bias[0], eps,
-                                  &mean[0], &var[0], &invstd[0], relu, stream, ahead, like)
+                                  &mean[0], &var[0], &invstd[0], relu, stream, like)
             else:
                 for c in prange(n_channels, schedule='static', num_threads=n_threads):
                     train_channel(xv, rv, yv, c, n_spatial, count, &weight[0], &bias[0], eps,
-                                  &mean[0], &var[0], &invstd[0], relu, stream, ahead, like)
+                                  &mean[0], &var[0], &invstd[0], relu, stream, like)
         return
     work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + n_channels)
     try:
@@ -1045,7 +1036,6 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
     cdef floating *like = NULL
     cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
-    cdef Py_ssize_t ahead = runs_ahead(count * n_channels, n_arrays, n_spatial, sizeof(floating))
     cdef bint fused = fused_channels(n_channels, n_spatial, count, sizeof(floating))
     # sum_dy, sum_dy_xmu, then (not fused) dy_shift, x_coef, scale and partial sums
     cdef double *work = scratch(2 * n_channels if fused else
@@ -1059,12 +1049,12 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
                 for c in range(n_channels):
                     backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, &mean[0],
                                      &invstd[0], &weight[0], training, sum_dy, sum_dy_xmu,
-                                     stream, ahead, like)
+                                     stream, like)
             elif fused:
                 for c in prange(n_channels, schedule='static', num_threads=n_threads):
                     backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, &mean[0],
                                      &invstd[0], &weight[0], training, sum_dy, sum_dy_xmu,
-                                     stream, ahead, like)
+                                     stream, like)
             else:
                 planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, &mean[0],
                                      coefficients + 3 * n_channels, sum_dy, sum_dy_xmu,

@@ -150,9 +150,9 @@ CYBN_INLINE double lanes_total(const cybn_v8d *v) /* a pointer: no vector ABI */
 }
 
 /* Ask for a run of bytes from p into the cache ahead of its use.  The
- * per-channel sums do it ahead runs early where the caller says so (short runs
- * of uncached data): there the runs are far apart in memory, each too short
- * for the hardware prefetcher to pick up. */
+ * per-channel sums do it `ahead` runs early where the caller says so (short
+ * runs): the runs of a channel are far apart, each too short for the hardware
+ * prefetcher to pick up. */
 CYBN_INLINE void prefetch_run(const void *p, Py_ssize_t bytes)
 {
     for (Py_ssize_t o = 0; o < bytes; o += CYBN_LINE)

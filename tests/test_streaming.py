@@ -1,13 +1,11 @@
-"""What the kernels do for data that misses the cache changes no value.
+"""Streaming stores (outputs written around the cache) change no value.
 
-Calls whose arrays exceed the cache (32 MiB) are taken to miss it: the
-training forward and the backward then write by streaming stores (outputs
-written around the cache) in runs of at least 512 bytes, and their
-per-channel sums over short runs prefetch the runs ahead.  With the threshold
-set to 0 every call that can takes both, so that every shape, layout, fusion
-and output alignment below is compared bit for bit with plain stores and no
-prefetching (which the other tests check against the reference); one big
-call checks the threshold's own path against the reference."""
+The training forward and the backward write by streaming stores only when
+their arrays exceed the cache (32 MiB), in runs of at least 512 bytes.  With
+the threshold set to 0 every such call with long enough runs takes them, so
+that every shape, layout, fusion and output alignment below is compared bit
+for bit with plain stores (which the other tests check against the
+reference); big calls check the threshold's own path against the reference."""
 import numpy as np
 import pytest
 
@@ -23,10 +21,10 @@ STREAM_SHAPES = SHAPES + [(2, 3, 17, 19), (3, 2, 130), (5, 640), (37, 1030), (30
 
 
 @pytest.fixture
-def as_if_uncached():
-    old = _kernels.set_uncached_above(0)
+def always_stream():
+    old = _kernels.set_stream_above(0)
     yield
-    _kernels.set_uncached_above(old)
+    _kernels.set_stream_above(old)
 
 
 def offset_empty(shape, dtype, offset):
@@ -85,21 +83,21 @@ def assert_same_bits(streamed, plain, what):
 @pytest.mark.parametrize("shape", STREAM_SHAPES, ids=str)
 @pytest.mark.parametrize("out_offset, grad_offset", [(0, 0), (1, 5), (3, 4)],
                          ids=["aligned", "misaligned", "other-line-offset"])
-def test_streaming_and_prefetching_change_no_value(shape, out_offset, grad_offset, dtype, request):
+def test_streaming_stores_change_no_value(shape, out_offset, grad_offset, dtype, request):
     x = random_batch(shape, dtype, seed=1, offset=2.0)
     dy = random_batch(shape, dtype, seed=2)
     plain = all_outputs(x, dy, out_offset, grad_offset)
-    request.getfixturevalue("as_if_uncached")
+    request.getfixturevalue("always_stream")
     streamed = all_outputs(x, dy, out_offset, grad_offset)
     assert_same_bits(streamed, plain, f"{shape}, offsets {out_offset}/{grad_offset}")
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 17, 19), (5, 640), (2, 2, 300, 301)], ids=str)
-def test_streaming_and_prefetching_change_no_value_in_any_layout(shape, dtype, request):
+def test_streaming_stores_change_no_value_in_any_layout(shape, dtype, request):
     x = random_batch(shape, dtype, seed=3, offset=-1.0)
     dy = random_batch(shape, dtype, seed=4)
     plain = {name: all_outputs(xl, dy, 0, 0) for name, xl in layouts(x)}
-    request.getfixturevalue("as_if_uncached")
+    request.getfixturevalue("always_stream")
     for name, xl in layouts(x):
         assert_same_bits(all_outputs(xl, dy, 0, 0), plain[name], f"{shape}, {name}")
 
@@ -107,11 +105,11 @@ def test_streaming_and_prefetching_change_no_value_in_any_layout(shape, dtype, r
 @pytest.mark.parametrize("shape, axis", [((16, 8, 256, 136), 1), ((4, 64, 68, 256), -1),
                                          ((64, 256, 14, 14), 1)],
                          ids=["planar", "channels-last", "planar-short-runs"])
-def test_calls_big_enough_to_miss_the_cache_match_the_reference(shape, axis):
+def test_calls_big_enough_to_stream_match_the_reference(shape, axis):
     """Calls over the default threshold: float32, 17.8 MB per array (x and y
     over the 32 MiB assumed for the cache); channels-last rows of 1 KiB; runs
     of 784 bytes, 12.8 MB per array (the backward's three arrays over the
-    threshold: its sums prefetch)."""
+    threshold), whose per-channel sums prefetch."""
     x = random_batch(shape, np.float32, seed=5, offset=3.0)
     dy = random_batch(shape, np.float32, seed=6)
     to_axis1 = (lambda a: np.moveaxis(a, -1, 1)) if axis == -1 else (lambda a: a)
