@@ -86,9 +86,9 @@ def test_backward_matches_reference(shape, training, affine, dtype):
 
 @pytest.mark.parametrize("shape", [(160, 1024, 8, 8), (8200, 130), (300, 520)], ids=str)
 def test_work_splits_of_larger_tensors_match_reference(shape, dtype):
-    """Other code paths: above 32 MiB, small H x W is walked in memory order;
-    (N, C) rows over 4 MiB of 256 B to 4 KiB are summed one at a time; few
-    rows in many channels are cut into channel blocks."""
+    """Other code paths: in calls of over 16 MiB in all, small H x W is walked
+    in memory order; (N, C) rows over 4 MiB of 256 B to 4 KiB are summed one
+    at a time; few rows in many channels are cut into channel blocks."""
     x = random_batch(shape, dtype, seed=40, offset=-2.0)
     dy = random_batch(x.shape, dtype, seed=41)
     w = np.linspace(0.5, 1.5, shape[1])

@@ -13,7 +13,7 @@ from conftest import random_batch
 # channel counts that do not divide evenly among threads, and every work
 # split: one task per channel, parts of channels, rows (short, middling and
 # over 4 KiB long; below and above 4 MiB; few rows cut into channel blocks),
-# and (above 32 MiB with short runs) the batch walked in memory order.
+# and (calls of over 16 MiB with short runs) the batch walked in memory order.
 SHAPES = [(8, 13, 40, 40), (4096, 67), (1024, 130, 1, 1), (20001, 24), (2050, 1030),
           (8200, 130), (300, 520), (130, 1100), (6, 3, 100, 100), (4, 5, 128, 128),
           (8, 80, 40, 40), (160, 1024, 8, 8)]
