@@ -83,9 +83,11 @@ CYBN_INLINE Py_ssize_t line_head(const void *p, Py_ssize_t len, size_t itemsize)
  * BODY computes values [I, I + N) into D (and D2).  Values before out's first
  * line boundary and after its last are computed in place; whole lines into a
  * buffer, CYBN_STREAM_LINES at a time (then one at a time; N is a constant
- * either way), which goes out by streaming stores (to out2 too where that is
- * 16-byte aligned, else by plain copies).  D2 is NULL when out2 is.  Eight
- * lines per step measured 1.04-1.1x over one on a 100 MB y = a*x + b. */
+ * either way), which goes out by streaming stores (to out2 too where its
+ * lines start where out's do, else by plain copies: streaming stores of parts
+ * of two lines each made the backward with grad_residual 1.5x slower).  D2 is
+ * NULL when out2 is.  Eight lines per step measured 1.04-1.1x over one on a
+ * 100 MB y = a*x + b. */
 #define CYBN_STREAM_LINES 8
 #define CYBN_STREAMED(T, out, out2, len, I, N, D, D2, ...)                           \
     {                                                                                \
@@ -116,7 +118,7 @@ CYBN_INLINE Py_ssize_t line_head(const void *p, Py_ssize_t len, size_t itemsize)
         }                                                                            \
         for (int k_ = 0; k_ < (SIZE); k_ += LINE_) {                                 \
             stream_line((out) + I + k_, buffer_ + k_);                               \
-            if ((out2) && (size_t)((out2) + I) % 16 == 0)                            \
+            if ((out2) && (size_t)((out2) + I) % CYBN_LINE == 0)                     \
                 stream_line((out2) + I + k_, buffer2_ + k_);                         \
             else if (out2)                                                           \
                 memcpy((out2) + I + k_, buffer2_ + k_, CYBN_LINE);                   \
