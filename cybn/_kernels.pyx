@@ -221,9 +221,10 @@ cdef inline Py_ssize_t runs_ahead(Py_ssize_t n_spatial, Py_ssize_t itemsize) noe
     a channel lie a whole batch stride apart, each too short for the hardware
     prefetcher to pick up, so that the per-channel path waits on the memory
     or the last-level cache run after run.  Measured here against no
-    prefetching, float32 backward 1.3-1.4x and training forward 1.15-1.2x
-    at 32x1024x14x14 (over the cache), backward 1.25x at 32x256x14x14 (in
-    it), 1.0-1.07x elsewhere; more runs ahead were no better, and runs of
+    prefetching: 1.0-1.08x on the calls that take the per-channel path with
+    short runs (float32 backward 1.07x at 32x512x7x7 and 64x256x7x7), and
+    1.25-1.4x on bigger ones, which the memory-order path (see short_runs)
+    now serves better still; more runs ahead were no better, and runs of
     3 KiB lost 0.9x (the hardware prefetcher has them).  No value depends
     on it."""
     return PREFETCH_RUNS if n_spatial * itemsize < SHORT_RUN_BYTES else 0
