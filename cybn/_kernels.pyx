@@ -149,12 +149,13 @@ cdef Py_ssize_t PART_MIN = 1 << 14
 # BATCH_PARTS ranges of the batch, 2 x C sums each.  Smaller calls take the
 # per-channel path, whose sums carry across runs at no cost per run (see
 # short_runs).
-cdef Py_ssize_t SHORT_RUN_BYTES = 2048
+cdef Py_ssize_t SHORT_RUN_BYTES = 4096
 cdef Py_ssize_t CACHED_BYTES = 32 << 20
 cdef Py_ssize_t MEMORY_ORDER_BYTES = 16 << 20
 cdef Py_ssize_t BATCH_PARTS = 16
-# The per-channel sums over runs shorter than SHORT_RUN_BYTES prefetch
+# The per-channel sums over runs shorter than PREFETCH_RUN_BYTES prefetch
 # PREFETCH_RUNS runs ahead (see runs_ahead).
+cdef Py_ssize_t PREFETCH_RUN_BYTES = 2048
 cdef Py_ssize_t PREFETCH_RUNS = 2
 # Element-wise passes in memory order take chunks of about this many values.
 cdef Py_ssize_t CHUNK_VALUES = 1 << 14
@@ -211,7 +212,12 @@ cdef inline bint short_runs(Py_ssize_t n_values, Py_ssize_t n_arrays, Py_ssize_t
     1.1-1.4x for the backward at 32x2048x7x7, 32x256x14x14 and (float64)
     32x512x7x7 (3 arrays of 13 to 19 MB), 1.1-1.2x for the training
     forward at 32x2048x7x7 and (float64) 32x256x14x14 (2 arrays of 13 MB),
-    and 0.76-0.94x on calls of 13 MB or less in all."""
+    and 0.76-0.94x on calls of 13 MB or less in all.  With runs of 3 KiB
+    (float32 28x28) it measured 1.25-1.6x for the training forward and
+    1.0-1.7x (mostly 1.15-1.5x) for the backward, three runs each at four
+    shapes; with runs of 6 KiB (float64 28x28) 0.83-1.38x, and with 12 KiB
+    (float32 56x56) 1.0-1.4x but 0.6-0.9x in float64 (25 KiB): runs of a
+    page or more keep the per-channel path."""
     return (n_spatial * itemsize < SHORT_RUN_BYTES
             and n_values * n_arrays * itemsize > MEMORY_ORDER_BYTES)
 
@@ -227,7 +233,7 @@ cdef inline Py_ssize_t runs_ahead(Py_ssize_t n_spatial, Py_ssize_t itemsize) noe
     now serves better still; more runs ahead were no better, and runs of
     3 KiB lost 0.9x (the hardware prefetcher has them).  No value depends
     on it."""
-    return PREFETCH_RUNS if n_spatial * itemsize < SHORT_RUN_BYTES else 0
+    return PREFETCH_RUNS if n_spatial * itemsize < PREFETCH_RUN_BYTES else 0
 
 
 cdef inline Py_ssize_t rows_parts(Py_ssize_t n_rows) noexcept nogil:
