@@ -927,6 +927,22 @@ cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch
                              sum_dy_xmu, n_threads, like)
 
 
+cdef inline double batch_invstd(double *var, Py_ssize_t count, double eps) noexcept nogil:
+    """*var: M2 in, the biased variance out; returns 1/sqrt(var + eps)."""
+    var[0] = var[0] / count
+    return 1.0 / sqrt(var[0] + eps)
+
+
+cdef void batch_scales(Py_ssize_t n_channels, Py_ssize_t count, double eps,
+                       const double *weight, double *var, double *invstd,
+                       double *scale) noexcept nogil:
+    """batch_invstd of every channel, and scale = weight * invstd."""
+    cdef Py_ssize_t c
+    for c in range(n_channels):
+        invstd[c] = batch_invstd(&var[c], count, eps)
+        scale[c] = weight[c] * invstd[c]
+
+
 cdef inline void train_channel(Planar x, Planar res, Planar y, Py_ssize_t c,
                                Py_ssize_t n_spatial, Py_ssize_t count, const double *weight,
                                const double *bias, double eps, double *mean, double *var,
@@ -935,8 +951,7 @@ cdef inline void train_channel(Planar x, Planar res, Planar y, Py_ssize_t c,
     """One task of the per-channel path: the statistics of channel c, then
     its y while its values are in cache."""
     channel_moments(x, c, n_spatial, count, &mean[c], &var[c], like)
-    var[c] = var[c] / count
-    invstd[c] = 1.0 / sqrt(var[c] + eps)
+    invstd[c] = batch_invstd(&var[c], count, eps)
     planar_affine(x, res, y, c, n_spatial, 0, count, mean[c], weight[c] * invstd[c], bias[c],
                   relu, stream, like)
 
@@ -995,10 +1010,7 @@ def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
         with nogil:
             planar_statistics(xv, n_batch, n_channels, n_spatial, n_arrays, work + n_channels,
                               &mean[0], &var[0], n_threads, like)
-            for c in range(n_channels):
-                var[c] = var[c] / count
-                invstd[c] = 1.0 / sqrt(var[c] + eps)
-                work[c] = weight[c] * invstd[c]
+            batch_scales(n_channels, count, eps, &weight[0], &var[0], &invstd[0], work)
             runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, &mean[0], work,
                             &bias[0], relu, n_arrays, True, n_threads, like)
     finally:
@@ -1012,7 +1024,7 @@ def forward_train_rows(const floating[:, :] x, floating[:, :] out,
     """forward_train_planar for the rows layout."""
     cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
     cdef Rows xv = rows(x), rv = rows(residual), yv = rows(out)
-    cdef Py_ssize_t n_parts = rows_parts(n_rows), c
+    cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef int n_threads = threads_for(n_rows * n_channels)
     cdef floating *like = NULL
     cdef double *work = scratch(n_channels * (2 * n_parts + 1))
@@ -1020,10 +1032,7 @@ def forward_train_rows(const floating[:, :] x, floating[:, :] out,
         with nogil:
             rows_moments(xv, n_rows, n_channels, n_parts, work, &mean[0], &var[0],
                          n_threads, like)
-            for c in range(n_channels):
-                var[c] = var[c] / n_rows
-                invstd[c] = 1.0 / sqrt(var[c] + eps)
-                work[c] = weight[c] * invstd[c]
+            batch_scales(n_channels, n_rows, eps, &weight[0], &var[0], &invstd[0], work)
             rows_affine_all(xv, rv, yv, n_rows, n_channels, &mean[0], work, &bias[0], relu,
                             affine_arrays(rv.data != NULL), True, n_threads, like)
     finally:

@@ -24,7 +24,6 @@
 #ifndef CYBN_LOOPS_H
 #define CYBN_LOOPS_H
 
-
 #include <Python.h> /* Py_ssize_t */
 #include <string.h> /* memcpy */
 
