@@ -246,17 +246,16 @@ def _no_copies():
 
 def _contiguous_plan(inputs, outputs):
     """_plan's result when every array is C-contiguous and no output overlaps
-    an input other than as the same array (out=x); None otherwise."""
+    an input other than as the same array (out=x); None otherwise.  The
+    kernels take such arrays as they are, except that the rows layout needs
+    (N, C, 1, ...) as (N, C)."""
     for a in inputs:
         if a is not None and not (a.flags.c_contiguous and a.flags.aligned):
             return None
     x = inputs[0]
     shape = x.shape
-    if len(shape) == 2 or math.prod(shape[2:]) == 1:
-        layout, view_shape = "rows", (-1, shape[1])
-    else:
-        layout, view_shape = "planar", (shape[0], shape[1], -1)
-    out_views, results = [], []
+    layout = "rows" if len(shape) == 2 or math.prod(shape[2:]) == 1 else "planar"
+    results = []
     for target, allocate in outputs:
         if target is None:
             target = np.empty(shape, x.dtype) if allocate else None
@@ -264,11 +263,13 @@ def _contiguous_plan(inputs, outputs):
             if not (target.flags.c_contiguous and target.flags.aligned):
                 return None
             for a in inputs:
-                if a is not None and a is not target and np.may_share_memory(target, a):
+                if a is not None and a is not target and _kernels.may_overlap(target, a):
                     return None
-        out_views.append(None if target is None else target.reshape(view_shape))
         results.append(target)
-    views = [None if a is None else a.reshape(view_shape) for a in inputs]
+    if layout == "planar" or len(shape) == 2:
+        return layout, inputs, results, results, _no_copies
+    views = [None if a is None else a.reshape(-1, shape[1]) for a in inputs]
+    out_views = [None if a is None else a.reshape(-1, shape[1]) for a in results]
     return layout, views, out_views, results, _no_copies
 
 

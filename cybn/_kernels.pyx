@@ -1,13 +1,14 @@
 # cython: language_level=3
 """The typed kernels of cybn: loops and nothing else.
 
-Every function here trusts its arguments; cybn._api checks them first.  Data
-arrives in one of two layouts, both views of the caller's memory (declared as
-strided memoryviews, since `::1` would demand a wholly C-contiguous buffer;
-the unit inner stride is guaranteed by cybn._api):
+cybn._api checks the arguments and chooses the layout; the kernels only
+check, cheaply and in C, that their operands are what they need (see
+operand).  Data arrives in one of two layouts, both views of the caller's
+memory:
 
-- "planar": (N, C, S) with unit stride along S (NCHW and its relatives);
-  a channel is N runs of S contiguous values.
+- "planar": (N, C, *spatial) whose spatial axes form one run of S values of
+  unit stride (NCHW and its relatives); a channel is N runs of S contiguous
+  values.
 - "rows": (R, C) with unit stride along C ((N, C) batches, N×C×1×1 and
   channels-last data); a channel is a column, and loops run along rows,
   vectorized across channels.
@@ -24,6 +25,10 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
+
+cimport numpy as cnp
+
+cnp.import_array()
 
 cdef extern from "_loops.h" nogil:
     ctypedef struct Planar "cybn_planar":
@@ -347,25 +352,99 @@ cdef double *scratch(Py_ssize_t n_doubles) except NULL:
     return p
 
 
-cdef Planar planar(const floating[:, :, :] a):
+# ---------------------------------------------------------------------------
+# The kernels' operands.  The kernels below take ndarrays, not typed
+# memoryviews: acquiring a memoryview costs about 0.12 us an argument, and a
+# backward call on a small tensor took 8 of them, a sixth of its time.  What
+# a memoryview checked is checked here instead, in C: a wrong call raises
+# rather than reading or writing out of bounds, though cybn._api never makes
+# one.
+
+cdef cnp.ndarray operand(object a, int ndim, int first, object like_array, bint output,
+                         floating *like):
+    """a as an operand of a kernel call on like_array (None: a itself): an
+    aligned ndarray of ndim dimensions (0: at least 2, planar data's N, C
+    and any spatial axes) and the instance's element type, of like_array's
+    shape, writeable when it is an output, whose axes from `first` on merge
+    into one run of unit stride."""
+    if not isinstance(a, cnp.ndarray):
+        raise TypeError(f"cybn kernel operand: expected an ndarray, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int type_num = cnp.NPY_FLOAT if floating is float else cnp.NPY_DOUBLE
+    cdef int axis
+    cdef Py_ssize_t expected = sizeof(floating)
+    if (cnp.PyArray_NDIM(arr) != ndim if ndim else cnp.PyArray_NDIM(arr) < 2) \
+            or cnp.PyArray_TYPE(arr) != type_num:
+        raise TypeError(f"cybn kernel operand: expected {ndim or 'at least 2'} dimensions "
+                        f"of {'float32' if floating is float else 'float64'}, got {a.ndim} "
+                        f"of {a.dtype}")
+    if like_array is not None and not cnp.PyArray_SAMESHAPE(arr, <cnp.ndarray>like_array):
+        raise ValueError(f"cybn kernel operand: shape {a.shape} differs from "
+                         f"{like_array.shape}")
+    for axis in reversed(range(first, cnp.PyArray_NDIM(arr))):
+        if cnp.PyArray_DIM(arr, axis) != 1 and cnp.PyArray_STRIDE(arr, axis) != expected:
+            raise ValueError("cybn kernel operand: the inner axes are not one unit-stride run")
+        expected *= cnp.PyArray_DIM(arr, axis)
+    if not cnp.PyArray_ISALIGNED(arr) or (output and not cnp.PyArray_ISWRITEABLE(arr)):
+        raise ValueError("cybn kernel operand: unaligned, or a read-only output")
+    return arr
+
+
+cdef Planar planar(object a, object like_array, bint output, floating *like) except *:
+    """The planar view of an (N, C, *spatial) operand, or an absent one for None."""
     cdef Planar view
+    cdef cnp.ndarray arr
     view.data = NULL
     view.batch_stride = view.channel_stride = 0
     if a is not None:
-        view.data = <char *>&a[0, 0, 0]
-        view.batch_stride = a.strides[0] // sizeof(floating)
-        view.channel_stride = a.strides[1] // sizeof(floating)
+        arr = operand(a, 0, 2, like_array, output, like)
+        view.data = cnp.PyArray_BYTES(arr)
+        view.batch_stride = cnp.PyArray_STRIDE(arr, 0) // sizeof(floating)
+        view.channel_stride = cnp.PyArray_STRIDE(arr, 1) // sizeof(floating)
     return view
 
 
-cdef Rows rows(const floating[:, :] a):
+cdef Rows rows(object a, object like_array, bint output, floating *like) except *:
+    """The rows view of an (R, C) operand, or an absent one for None."""
     cdef Rows view
+    cdef cnp.ndarray arr
     view.data = NULL
     view.row_stride = 0
     if a is not None:
-        view.data = <char *>&a[0, 0]
-        view.row_stride = a.strides[0] // sizeof(floating)
+        arr = operand(a, 2, 1, like_array, output, like)
+        view.data = cnp.PyArray_BYTES(arr)
+        view.row_stride = cnp.PyArray_STRIDE(arr, 0) // sizeof(floating)
     return view
+
+
+cdef inline Py_ssize_t extent(object a, int axis) noexcept:
+    """The length of a checked operand along axis."""
+    return cnp.PyArray_DIM(<cnp.ndarray>a, axis)
+
+
+cdef inline Py_ssize_t spatial_extent(object a) noexcept:
+    """The values per run of a checked planar operand: the product of its
+    spatial extents."""
+    cdef Py_ssize_t n = 1
+    cdef int axis
+    for axis in range(2, cnp.PyArray_NDIM(<cnp.ndarray>a)):
+        n *= cnp.PyArray_DIM(<cnp.ndarray>a, axis)
+    return n
+
+
+cdef floating *values(object a, Py_ssize_t n, bint output, floating *like) except NULL:
+    """The data of a contiguous (n,) vector of the element type, such as a
+    per-channel parameter, statistic or gradient."""
+    cdef cnp.ndarray arr = operand(a, 1, 0, None, output, like)
+    if cnp.PyArray_DIM(arr, 0) != n:
+        raise ValueError(f"cybn kernel operand: expected {n} values, got {(<object>arr).shape}")
+    return <floating *>cnp.PyArray_DATA(arr)
+
+
+cdef inline double *doubles(object a, Py_ssize_t n, bint output) except NULL:
+    """values() of a float64 vector."""
+    cdef double *like = NULL
+    return values(a, n, output, like)
 
 
 cdef inline Rows columns(Rows v, Py_ssize_t c, floating *like) noexcept nogil:
@@ -976,21 +1055,57 @@ cdef inline void backward_channel(Planar dy, Planar y, Planar x, Planar dx, Plan
                       weight[c] * invstd[c], stream, like)
 
 
+cdef void byte_bounds(cnp.ndarray a, char **low, char **high) noexcept:
+    """The first and one past the last byte a's values occupy (a is not empty)."""
+    cdef int axis
+    cdef Py_ssize_t step
+    low[0] = high[0] = cnp.PyArray_BYTES(a)
+    for axis in range(cnp.PyArray_NDIM(a)):
+        step = (cnp.PyArray_DIM(a, axis) - 1) * cnp.PyArray_STRIDE(a, axis)
+        if step < 0:
+            low[0] += step
+        else:
+            high[0] += step
+    high[0] += cnp.PyArray_ITEMSIZE(a)
+
+
+def may_overlap(cnp.ndarray a not None, cnp.ndarray b not None):
+    """np.may_share_memory(a, b), whether their byte ranges overlap, without
+    its dispatch: a fifth of the time."""
+    cdef char *a_low
+    cdef char *a_high
+    cdef char *b_low
+    cdef char *b_high
+    if cnp.PyArray_SIZE(a) == 0 or cnp.PyArray_SIZE(b) == 0:
+        return False
+    byte_bounds(a, &a_low, &a_high)
+    byte_bounds(b, &b_low, &b_high)
+    return a_low < b_high and b_low < a_high
+
+
 # ---------------------------------------------------------------------------
 # The kernels cybn._api calls.  Optional operands (residual, the forward's
-# output y for the ReLU's backward, grad_residual) may be None.
+# output y for the ReLU's backward, grad_residual) may be None.  Operands are
+# ndarrays (see operand); `name_p` is the data of the vector `name`.  Each
+# kernel is a fused function through its last parameter alone, `kind`, which
+# no caller passes: cybn._api picks the float or double instance by indexing
+# (forward_train_planar["float"]).
 
-def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
-                         const double[::1] weight, const double[::1] bias, double eps,
-                         double[::1] mean, double[::1] var, double[::1] invstd,
-                         const floating[:, :, :] residual=None, bint relu=False):
+def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
+                         residual=None, bint relu=False, floating kind=0):
     """out = act((x - mean)*invstd*weight + bias [+ residual]) with the batch
     statistics, which are written to mean, var (biased) and invstd."""
-    cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = n_batch * n_spatial, c
-    cdef Planar xv = planar(x), rv = planar(residual), yv = planar(out)
-    cdef int n_threads = threads_for(count * n_channels)
     cdef floating *like = NULL
+    cdef Planar xv = planar(x, None, False, like)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Planar rv = planar(residual, x, False, like), yv = planar(out, x, True, like)
+    cdef const double *weight_p = doubles(weight, n_channels, False)
+    cdef const double *bias_p = doubles(bias, n_channels, False)
+    cdef double *mean_p = doubles(mean, n_channels, True)
+    cdef double *var_p = doubles(var, n_channels, True)
+    cdef double *invstd_p = doubles(invstd, n_channels, True)
+    cdef Py_ssize_t count = n_batch * n_spatial, c
+    cdef int n_threads = threads_for(count * n_channels)
     cdef double *work = NULL
     cdef Py_ssize_t n_arrays = affine_arrays(rv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
@@ -998,42 +1113,45 @@ def forward_train_planar(const floating[:, :, :] x, floating[:, :, :] out,
         with nogil:
             if n_threads == 1:  # no parallel region: about 1 us less per call
                 for c in range(n_channels):
-                    train_channel(xv, rv, yv, c, n_spatial, count, &weight[0], &bias[0], eps,
-                                  &mean[0], &var[0], &invstd[0], relu, stream, like)
+                    train_channel(xv, rv, yv, c, n_spatial, count, weight_p, bias_p, eps,
+                                  mean_p, var_p, invstd_p, relu, stream, like)
             else:
                 for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    train_channel(xv, rv, yv, c, n_spatial, count, &weight[0], &bias[0], eps,
-                                  &mean[0], &var[0], &invstd[0], relu, stream, like)
+                    train_channel(xv, rv, yv, c, n_spatial, count, weight_p, bias_p, eps,
+                                  mean_p, var_p, invstd_p, relu, stream, like)
         return
     work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + n_channels)
     try:
         with nogil:
             planar_statistics(xv, n_batch, n_channels, n_spatial, n_arrays, work + n_channels,
-                              &mean[0], &var[0], n_threads, like)
-            batch_scales(n_channels, count, eps, &weight[0], &var[0], &invstd[0], work)
-            runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, &mean[0], work,
-                            &bias[0], relu, n_arrays, True, n_threads, like)
+                              mean_p, var_p, n_threads, like)
+            batch_scales(n_channels, count, eps, weight_p, var_p, invstd_p, work)
+            runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, work, bias_p,
+                            relu, n_arrays, True, n_threads, like)
     finally:
         free(work)
 
 
-def forward_train_rows(const floating[:, :] x, floating[:, :] out,
-                       const double[::1] weight, const double[::1] bias, double eps,
-                       double[::1] mean, double[::1] var, double[::1] invstd,
-                       const floating[:, :] residual=None, bint relu=False):
+def forward_train_rows(x, out, weight, bias, double eps, mean, var, invstd, residual=None,
+                       bint relu=False, floating kind=0):
     """forward_train_planar for the rows layout."""
-    cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
-    cdef Rows xv = rows(x), rv = rows(residual), yv = rows(out)
+    cdef floating *like = NULL
+    cdef Rows xv = rows(x, None, False, like)
+    cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
+    cdef Rows rv = rows(residual, x, False, like), yv = rows(out, x, True, like)
+    cdef const double *weight_p = doubles(weight, n_channels, False)
+    cdef const double *bias_p = doubles(bias, n_channels, False)
+    cdef double *mean_p = doubles(mean, n_channels, True)
+    cdef double *var_p = doubles(var, n_channels, True)
+    cdef double *invstd_p = doubles(invstd, n_channels, True)
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef int n_threads = threads_for(n_rows * n_channels)
-    cdef floating *like = NULL
     cdef double *work = scratch(n_channels * (2 * n_parts + 1))
     try:
         with nogil:
-            rows_moments(xv, n_rows, n_channels, n_parts, work, &mean[0], &var[0],
-                         n_threads, like)
-            batch_scales(n_channels, n_rows, eps, &weight[0], &var[0], &invstd[0], work)
-            rows_affine_all(xv, rv, yv, n_rows, n_channels, &mean[0], work, &bias[0], relu,
+            rows_moments(xv, n_rows, n_channels, n_parts, work, mean_p, var_p, n_threads, like)
+            batch_scales(n_channels, n_rows, eps, weight_p, var_p, invstd_p, work)
+            rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, work, bias_p, relu,
                             affine_arrays(rv.data != NULL), True, n_threads, like)
     finally:
         free(work)
@@ -1049,21 +1167,23 @@ cdef void parameter_gradients(Py_ssize_t n_channels, const double *sum_dy,
         dbias[c] = <floating>sum_dy[c]
 
 
-def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
-                    floating[:, :, :] dx, const double[::1] mean,
-                    const double[::1] invstd, const double[::1] weight, bint training,
-                    floating[::1] dweight, floating[::1] dbias,
-                    const floating[:, :, :] relu_output=None,
-                    floating[:, :, :] grad_residual=None):
+def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias,
+                    relu_output=None, grad_residual=None, floating kind=0):
     """dx, dweight and dbias.  With relu_output (the forward's y), dy counts
     only where y > 0, and that masked dy is also written to grad_residual
     when given."""
-    cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Py_ssize_t count = n_batch * n_spatial, c
-    cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
-    cdef Planar dxv = planar(dx), gv = planar(grad_residual)
-    cdef int n_threads = threads_for(count * n_channels)
     cdef floating *like = NULL
+    cdef Planar xv = planar(x, None, False, like)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Planar dyv = planar(dy, x, False, like), yv = planar(relu_output, x, False, like)
+    cdef Planar dxv = planar(dx, x, True, like), gv = planar(grad_residual, x, True, like)
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef const double *invstd_p = doubles(invstd, n_channels, False)
+    cdef const double *weight_p = doubles(weight, n_channels, False)
+    cdef floating *dweight_p = values(dweight, n_channels, True, like)
+    cdef floating *dbias_p = values(dbias, n_channels, True, like)
+    cdef Py_ssize_t count = n_batch * n_spatial, c
+    cdef int n_threads = threads_for(count * n_channels)
     cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
     cdef bint fused = fused_channels(n_channels, n_spatial, count, n_arrays, sizeof(floating))
@@ -1077,43 +1197,45 @@ def backward_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
         with nogil:
             if fused and n_threads == 1:  # no parallel region, as in the forward
                 for c in range(n_channels):
-                    backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, &mean[0],
-                                     &invstd[0], &weight[0], training, sum_dy, sum_dy_xmu,
-                                     stream, like)
+                    backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, mean_p,
+                                     invstd_p, weight_p, training, sum_dy, sum_dy_xmu, stream,
+                                     like)
             elif fused:
                 for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, &mean[0],
-                                     &invstd[0], &weight[0], training, sum_dy, sum_dy_xmu,
-                                     stream, like)
+                    backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, mean_p,
+                                     invstd_p, weight_p, training, sum_dy, sum_dy_xmu, stream,
+                                     like)
             else:
                 planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, n_arrays,
-                                     &mean[0], coefficients + 3 * n_channels, sum_dy,
+                                     mean_p, coefficients + 3 * n_channels, sum_dy,
                                      sum_dy_xmu, n_threads, like)
-                grad_coefficients(n_channels, count, training, sum_dy, sum_dy_xmu,
-                                  &invstd[0], &weight[0], coefficients,
-                                  coefficients + n_channels, coefficients + 2 * n_channels)
+                grad_coefficients(n_channels, count, training, sum_dy, sum_dy_xmu, invstd_p,
+                                  weight_p, coefficients, coefficients + n_channels,
+                                  coefficients + 2 * n_channels)
                 runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial,
-                                    &mean[0], coefficients, coefficients + n_channels,
+                                    mean_p, coefficients, coefficients + n_channels,
                                     coefficients + 2 * n_channels, n_arrays, True, n_threads,
                                     like)
-            parameter_gradients(n_channels, sum_dy, sum_dy_xmu, &invstd[0], &dweight[0],
-                                &dbias[0])
+            parameter_gradients(n_channels, sum_dy, sum_dy_xmu, invstd_p, dweight_p, dbias_p)
     finally:
         free(work)
 
 
-def backward_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :] dx,
-                  const double[::1] mean, const double[::1] invstd,
-                  const double[::1] weight, bint training, floating[::1] dweight,
-                  floating[::1] dbias, const floating[:, :] relu_output=None,
-                  floating[:, :] grad_residual=None):
+def backward_rows(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias,
+                  relu_output=None, grad_residual=None, floating kind=0):
     """backward_planar for the rows layout."""
-    cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
-    cdef Rows dyv = rows(dy), yv = rows(relu_output), xv = rows(x)
-    cdef Rows dxv = rows(dx), gv = rows(grad_residual)
+    cdef floating *like = NULL
+    cdef Rows xv = rows(x, None, False, like)
+    cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
+    cdef Rows dyv = rows(dy, x, False, like), yv = rows(relu_output, x, False, like)
+    cdef Rows dxv = rows(dx, x, True, like), gv = rows(grad_residual, x, True, like)
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef const double *invstd_p = doubles(invstd, n_channels, False)
+    cdef const double *weight_p = doubles(weight, n_channels, False)
+    cdef floating *dweight_p = values(dweight, n_channels, True, like)
+    cdef floating *dbias_p = values(dbias, n_channels, True, like)
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef int n_threads = threads_for(n_rows * n_channels)
-    cdef floating *like = NULL
     # sum_dy, sum_dy_xmu, then the partial sums, later dy_shift, x_coef, scale
     cdef double *work = scratch(n_channels * (2 * n_parts + 5))
     cdef double *sum_dy = work
@@ -1121,45 +1243,54 @@ def backward_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :
     cdef double *rest = work + 2 * n_channels
     try:
         with nogil:
-            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, &mean[0], rest,
+            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, mean_p, rest,
                                sum_dy, sum_dy_xmu, n_threads, like)
-            grad_coefficients(n_channels, n_rows, training, sum_dy, sum_dy_xmu, &invstd[0],
-                              &weight[0], rest, rest + n_channels, rest + 2 * n_channels)
-            rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, &mean[0], rest,
+            grad_coefficients(n_channels, n_rows, training, sum_dy, sum_dy_xmu, invstd_p,
+                              weight_p, rest, rest + n_channels, rest + 2 * n_channels)
+            rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, mean_p, rest,
                                 rest + n_channels, rest + 2 * n_channels,
                                 grad_input_arrays(yv.data != NULL, gv.data != NULL), True,
                                 n_threads, like)
-            parameter_gradients(n_channels, sum_dy, sum_dy_xmu, &invstd[0], &dweight[0],
-                                &dbias[0])
+            parameter_gradients(n_channels, sum_dy, sum_dy_xmu, invstd_p, dweight_p, dbias_p)
     finally:
         free(work)
 
 
-def divide_by_sqrt(double[::1] a, const double[::1] v, double eps):
-    """a <- a / sqrt(v + eps) in place (evaluation's scale from the running
-    variance), with IEEE results and no warnings: v + eps <= 0 gives Inf or NaN."""
+def divide_by_sqrt(a, v, double eps):
+    """a <- a / sqrt(v + eps) in place, for float64 vectors (evaluation's
+    scale from the running variance), with IEEE results and no warnings:
+    v + eps <= 0 gives Inf or NaN."""
+    cdef double *a_p = doubles(a, extent(a, 0) if isinstance(a, cnp.ndarray) else 0, True)
+    cdef const double *v_p = doubles(v, extent(a, 0), False)
     cdef Py_ssize_t c
-    for c in range(a.shape[0]):
-        a[c] = a[c] / sqrt(v[c] + eps)
+    for c in range(extent(a, 0)):
+        a_p[c] = a_p[c] / sqrt(v_p[c] + eps)
 
 
-def update_running(floating[::1] running_mean, floating[::1] running_var,
-                   const double[::1] mean, const double[::1] var, Py_ssize_t count,
-                   double momentum):
+def update_running(running_mean, running_var, mean, var, Py_ssize_t count, double momentum,
+                   floating kind=0):
     """running <- (1 - momentum)*running + momentum*batch, the variance unbiased
-    by count/(count - 1).  Returns False, changing nothing, when a batch
-    statistic is not finite in the dtype (NaN, Inf, or beyond its range)."""
-    cdef Py_ssize_t c, n_channels = mean.shape[0]
+    by count/(count - 1), in the running statistics' dtype; mean and var are
+    float64.  Returns False, changing nothing, when a batch statistic is not
+    finite in the dtype (NaN, Inf, or beyond its range)."""
+    cdef floating *like = NULL
+    cdef Py_ssize_t n_channels = extent(mean, 0) if isinstance(mean, cnp.ndarray) else 0
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef const double *var_p = doubles(var, n_channels, False)
+    cdef floating *running_mean_p = values(running_mean, n_channels, True, like)
+    cdef floating *running_var_p = values(running_var, n_channels, True, like)
     cdef double largest = 3.4028234663852886e38 if floating is float else 1.7976931348623157e308
     cdef double unbias = <double>count / (count - 1)
+    cdef Py_ssize_t c
     for c in range(n_channels):
         # written so that NaN fails the test
-        if not (-largest <= mean[c] <= largest and var[c] * unbias <= largest):
+        if not (-largest <= mean_p[c] <= largest and var_p[c] * unbias <= largest):
             return False
     for c in range(n_channels):
-        running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
-        running_var[c] = <floating>((1.0 - momentum) * running_var[c]
-                                    + momentum * (var[c] * unbias))
+        running_mean_p[c] = <floating>((1.0 - momentum) * running_mean_p[c]
+                                       + momentum * mean_p[c])
+        running_var_p[c] = <floating>((1.0 - momentum) * running_var_p[c]
+                                      + momentum * (var_p[c] * unbias))
     return True
 
 
@@ -1167,121 +1298,136 @@ def update_running(floating[::1] running_mean, floating[::1] running_var,
 # Split kernels, one step each, for callers that combine statistics or
 # gradient sums across processes between the steps.
 
-def moments_planar(const floating[:, :, :] x, double[::1] mean, double[::1] m2):
-    cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Planar xv = planar(x)
+def moments_planar(x, mean, m2, floating kind=0):
     cdef floating *like = NULL
+    cdef Planar xv = planar(x, None, False, like)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef double *mean_p = doubles(mean, n_channels, True)
+    cdef double *m2_p = doubles(m2, n_channels, True)
     cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial))
     try:
         with nogil:
-            planar_statistics(xv, n_batch, n_channels, n_spatial, 1, work, &mean[0], &m2[0],
+            planar_statistics(xv, n_batch, n_channels, n_spatial, 1, work, mean_p, m2_p,
                               threads_for(n_batch * n_channels * n_spatial), like)
     finally:
         free(work)
 
 
-def moments_rows(const floating[:, :] x, double[::1] mean, double[::1] m2):
-    cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
-    cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef Rows xv = rows(x)
+def moments_rows(x, mean, m2, floating kind=0):
     cdef floating *like = NULL
+    cdef Rows xv = rows(x, None, False, like)
+    cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
+    cdef double *mean_p = doubles(mean, n_channels, True)
+    cdef double *m2_p = doubles(m2, n_channels, True)
+    cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef double *work = scratch(2 * n_channels * n_parts)
     try:
         with nogil:
-            rows_moments(xv, n_rows, n_channels, n_parts, work, &mean[0], &m2[0],
+            rows_moments(xv, n_rows, n_channels, n_parts, work, mean_p, m2_p,
                          threads_for(n_rows * n_channels), like)
     finally:
         free(work)
 
 
-def affine_planar(const floating[:, :, :] x, floating[:, :, :] out,
-                  const double[::1] mean, const double[::1] scale, const double[::1] shift,
-                  const floating[:, :, :] residual=None, bint relu=False):
+def affine_planar(x, out, mean, scale, shift, residual=None, bint relu=False,
+                  floating kind=0):
     """out = act((x - mean)*scale + shift [+ residual]), per channel."""
-    cdef Planar xv = planar(x), rv = planar(residual), yv = planar(out)
-    cdef Py_ssize_t n_values = x.shape[0] * x.shape[1] * x.shape[2]
     cdef floating *like = NULL
+    cdef Planar xv = planar(x, None, False, like)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Planar rv = planar(residual, x, False, like), yv = planar(out, x, True, like)
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef const double *scale_p = doubles(scale, n_channels, False)
+    cdef const double *shift_p = doubles(shift, n_channels, False)
     with nogil:
-        runs_affine_all(xv, rv, yv, x.shape[0], x.shape[1], x.shape[2], &mean[0], &scale[0],
-                        &shift[0], relu, affine_arrays(rv.data != NULL), False,
-                        threads_for(n_values), like)
+        runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, scale_p, shift_p,
+                        relu, affine_arrays(rv.data != NULL), False,
+                        threads_for(n_batch * n_channels * n_spatial), like)
 
 
-def affine_rows(const floating[:, :] x, floating[:, :] out, const double[::1] mean,
-                const double[::1] scale, const double[::1] shift,
-                const floating[:, :] residual=None, bint relu=False):
-    cdef Rows xv = rows(x), rv = rows(residual), yv = rows(out)
-    cdef Py_ssize_t n_values = x.shape[0] * x.shape[1]
+def affine_rows(x, out, mean, scale, shift, residual=None, bint relu=False, floating kind=0):
     cdef floating *like = NULL
+    cdef Rows xv = rows(x, None, False, like)
+    cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
+    cdef Rows rv = rows(residual, x, False, like), yv = rows(out, x, True, like)
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef const double *scale_p = doubles(scale, n_channels, False)
+    cdef const double *shift_p = doubles(shift, n_channels, False)
     with nogil:
-        rows_affine_all(xv, rv, yv, x.shape[0], x.shape[1], &mean[0], &scale[0], &shift[0],
-                        relu, affine_arrays(rv.data != NULL), False, threads_for(n_values),
-                        like)
+        rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, scale_p, shift_p, relu,
+                        affine_arrays(rv.data != NULL), False,
+                        threads_for(n_rows * n_channels), like)
 
 
-def grad_sums_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
-                     const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu,
-                     const floating[:, :, :] relu_output=None):
-    cdef Py_ssize_t n_batch = x.shape[0], n_channels = x.shape[1], n_spatial = x.shape[2]
-    cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
+def grad_sums_planar(dy, x, mean, sum_dy, sum_dy_xmu, relu_output=None, floating kind=0):
     cdef floating *like = NULL
+    cdef Planar xv = planar(x, None, False, like)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Planar dyv = planar(dy, x, False, like), yv = planar(relu_output, x, False, like)
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef double *sum_dy_p = doubles(sum_dy, n_channels, True)
+    cdef double *sum_dy_xmu_p = doubles(sum_dy_xmu, n_channels, True)
     cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial))
     try:
         with nogil:
             planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial,
-                                 2 + (yv.data != NULL), &mean[0], work, &sum_dy[0],
-                                 &sum_dy_xmu[0], threads_for(n_batch * n_channels * n_spatial),
-                                 like)
+                                 2 + (yv.data != NULL), mean_p, work, sum_dy_p, sum_dy_xmu_p,
+                                 threads_for(n_batch * n_channels * n_spatial), like)
     finally:
         free(work)
 
 
-def grad_sums_rows(const floating[:, :] dy, const floating[:, :] x, const double[::1] mean,
-                   double[::1] sum_dy, double[::1] sum_dy_xmu,
-                   const floating[:, :] relu_output=None):
-    cdef Py_ssize_t n_rows = x.shape[0], n_channels = x.shape[1]
-    cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef Rows dyv = rows(dy), yv = rows(relu_output), xv = rows(x)
+def grad_sums_rows(dy, x, mean, sum_dy, sum_dy_xmu, relu_output=None, floating kind=0):
     cdef floating *like = NULL
+    cdef Rows xv = rows(x, None, False, like)
+    cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
+    cdef Rows dyv = rows(dy, x, False, like), yv = rows(relu_output, x, False, like)
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef double *sum_dy_p = doubles(sum_dy, n_channels, True)
+    cdef double *sum_dy_xmu_p = doubles(sum_dy_xmu, n_channels, True)
+    cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef double *work = scratch(2 * n_channels * n_parts)
     try:
         with nogil:
-            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, &mean[0], work,
-                               &sum_dy[0], &sum_dy_xmu[0], threads_for(n_rows * n_channels),
-                               like)
+            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, mean_p, work,
+                               sum_dy_p, sum_dy_xmu_p, threads_for(n_rows * n_channels), like)
     finally:
         free(work)
 
 
-def grad_input_planar(const floating[:, :, :] dy, const floating[:, :, :] x,
-                      floating[:, :, :] dx, const double[::1] mean,
-                      const double[::1] dy_shift, const double[::1] x_coef,
-                      const double[::1] scale, const floating[:, :, :] relu_output=None,
-                      floating[:, :, :] grad_residual=None):
+def grad_input_planar(dy, x, dx, mean, dy_shift, x_coef, scale, relu_output=None,
+                      grad_residual=None, floating kind=0):
     """dx = ((g - dy_shift) - (x - mean)*x_coef)*scale per channel, g = dy
     (masked by relu_output > 0 when given, and then kept in grad_residual)."""
-    cdef Planar dyv = planar(dy), yv = planar(relu_output), xv = planar(x)
-    cdef Planar dxv = planar(dx), gv = planar(grad_residual)
-    cdef Py_ssize_t n_values = x.shape[0] * x.shape[1] * x.shape[2]
     cdef floating *like = NULL
+    cdef Planar xv = planar(x, None, False, like)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Planar dyv = planar(dy, x, False, like), yv = planar(relu_output, x, False, like)
+    cdef Planar dxv = planar(dx, x, True, like), gv = planar(grad_residual, x, True, like)
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef const double *dy_shift_p = doubles(dy_shift, n_channels, False)
+    cdef const double *x_coef_p = doubles(x_coef, n_channels, False)
+    cdef const double *scale_p = doubles(scale, n_channels, False)
     with nogil:
-        runs_grad_input_all(dyv, yv, xv, dxv, gv, x.shape[0], x.shape[1], x.shape[2],
-                            &mean[0], &dy_shift[0], &x_coef[0], &scale[0],
+        runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial, mean_p,
+                            dy_shift_p, x_coef_p, scale_p,
                             grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
-                            threads_for(n_values), like)
+                            threads_for(n_batch * n_channels * n_spatial), like)
 
 
-def grad_input_rows(const floating[:, :] dy, const floating[:, :] x, floating[:, :] dx,
-                    const double[::1] mean, const double[::1] dy_shift,
-                    const double[::1] x_coef, const double[::1] scale,
-                    const floating[:, :] relu_output=None,
-                    floating[:, :] grad_residual=None):
-    cdef Rows dyv = rows(dy), yv = rows(relu_output), xv = rows(x)
-    cdef Rows dxv = rows(dx), gv = rows(grad_residual)
-    cdef Py_ssize_t n_values = x.shape[0] * x.shape[1]
+def grad_input_rows(dy, x, dx, mean, dy_shift, x_coef, scale, relu_output=None,
+                    grad_residual=None, floating kind=0):
     cdef floating *like = NULL
+    cdef Rows xv = rows(x, None, False, like)
+    cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
+    cdef Rows dyv = rows(dy, x, False, like), yv = rows(relu_output, x, False, like)
+    cdef Rows dxv = rows(dx, x, True, like), gv = rows(grad_residual, x, True, like)
+    cdef const double *mean_p = doubles(mean, n_channels, False)
+    cdef const double *dy_shift_p = doubles(dy_shift, n_channels, False)
+    cdef const double *x_coef_p = doubles(x_coef, n_channels, False)
+    cdef const double *scale_p = doubles(scale, n_channels, False)
     with nogil:
-        rows_grad_input_all(dyv, yv, xv, dxv, gv, x.shape[0], x.shape[1], &mean[0],
-                            &dy_shift[0], &x_coef[0], &scale[0],
+        rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, mean_p, dy_shift_p,
+                            x_coef_p, scale_p,
                             grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
-                            threads_for(n_values), like)
+                            threads_for(n_rows * n_channels), like)

@@ -158,3 +158,93 @@ def test_out_aliasing_weight_or_bias_is_safe(dtype):
     y, _, _ = cybn.forward_train(x, buf[0], buf[1], out=buf)
     assert y is buf
     np.testing.assert_array_equal(buf, expected)
+
+
+# ---------------------------------------------------------------------------
+# The kernels take ndarrays, not typed memoryviews (for speed on small calls),
+# and check in C what a memoryview would: a wrong call raises and writes
+# nothing, though cybn._api never makes one.
+
+def _kernel_call(dtype=np.float32):
+    """forward_train_planar's arguments, as cybn._api passes them."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+    args = dict(x=x, out=np.full_like(x, 7.0), weight=np.ones(3), bias=np.zeros(3), eps=1e-5,
+                mean=np.full(3, 9.0), var=np.full(3, 9.0), invstd=np.full(3, 9.0))
+    return args
+
+
+def _call(args, kind="float"):
+    from cybn import _kernels
+    _kernels.forward_train_planar[kind](*args.values())
+
+
+@pytest.mark.parametrize("name, value, exc, match", [
+    ("x", [[1.0]], TypeError, "expected an ndarray"),
+    ("x", np.zeros((2, 3, 4, 5)), TypeError, "float32"),
+    ("x", np.zeros(6, np.float32), TypeError, "at least 2"),
+    ("out", np.zeros((2, 3, 4, 6), np.float32), ValueError, "shape"),
+    ("out", np.zeros((2, 3, 5, 8), np.float32)[:, :, :4, :5], ValueError, "unit-stride"),
+    ("out", np.zeros((2, 3, 4, 10), np.float32)[..., ::2], ValueError, "unit-stride"),
+    ("weight", np.ones(3, np.float32), TypeError, "float64"),
+    ("weight", np.ones(4), ValueError, "expected 3 values"),
+    ("weight", np.ones(6)[::2], ValueError, "unit-stride"),
+    ("mean", np.zeros((3, 1)), TypeError, "dimensions"),
+])
+def test_kernels_check_their_operands(name, value, exc, match):
+    args = _kernel_call()
+    args[name] = value
+    with Untouched(*args.values()), pytest.raises(exc, match=match):
+        _call(args)
+
+
+def test_kernels_refuse_read_only_outputs():
+    for name in ("out", "mean", "invstd"):
+        args = _kernel_call()
+        args[name].flags.writeable = False
+        with Untouched(*args.values()), pytest.raises(ValueError, match="read-only"):
+            _call(args)
+
+
+def test_kernels_take_merged_spatial_axes():
+    """Planar operands may have any spatial axes that form one run: the
+    (N, C, H, W) array and its (N, C, H*W) view give the same bits."""
+    args = _kernel_call()
+    _call(args)
+    merged = _kernel_call()
+    merged["x"] = merged["x"].reshape(2, 3, 20)
+    merged["out"] = merged["out"].reshape(2, 3, 20)
+    _call(merged)
+    np.testing.assert_array_equal(args["out"].reshape(2, 3, 20), merged["out"])
+    np.testing.assert_array_equal(args["mean"], merged["mean"])
+
+
+def _views(rng):
+    """Views of one buffer: slices, steps, negative and transposed strides."""
+    base = np.arange(240.0).reshape(4, 6, 10)
+    yield base
+    yield base[1:3]
+    yield base[:, ::2, 1:7:3]
+    yield base[::-1, 2:, ::-3]
+    yield base.transpose(2, 0, 1)[3:5]
+    yield base[2:2]
+    yield base[3, 5, 9:]
+    yield base.reshape(-1)[7:8]
+    for _ in range(40):
+        starts = rng.integers(0, (4, 6, 10))
+        stops = [rng.integers(s, n + 1) for s, n in zip(starts, (4, 6, 10))]
+        steps = rng.choice([-2, -1, 1, 3], size=3)
+        yield base[tuple(slice(a, b, st) if st > 0 else slice(b - 1 if b > a else None,
+                                                              a - 1 if a > 0 else None, st)
+                         for a, b, st in zip(starts, stops, steps))]
+
+
+def test_may_overlap_agrees_with_numpy():
+    from cybn import _kernels
+    views = list(_views(np.random.default_rng(2)))
+    other = np.zeros(3)
+    for a in views:
+        assert not _kernels.may_overlap(a, other)
+        for b in views:
+            assert _kernels.may_overlap(a, b) == np.may_share_memory(a, b), (
+                a.__array_interface__, b.__array_interface__)
