@@ -38,6 +38,11 @@ cdef extern from "_loops.h" nogil:
         Py_ssize_t batch_stride
         Py_ssize_t channel_stride
     int cybn_max_threads()
+    void cybn_divide_by_sqrt(double *a, const double *v, double eps, Py_ssize_t n)
+    double batch_invstd "cybn_batch_invstd"(double *var, Py_ssize_t count, double eps)
+    void batch_scales "cybn_batch_scales"(
+        Py_ssize_t n_channels, Py_ssize_t count, double eps, const double *weight,
+        double *var, double *invstd, double *scale)
     int CYBN_ROWS_BLOCK
     int CYBN_WRITE_BLOCK
     void planar_sums_f32 "cybn_planar_sums_f32"(
@@ -1006,22 +1011,6 @@ cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch
                              sum_dy_xmu, n_threads, like)
 
 
-cdef inline double batch_invstd(double *var, Py_ssize_t count, double eps) noexcept nogil:
-    """*var: M2 in, the biased variance out; returns 1/sqrt(var + eps)."""
-    var[0] = var[0] / count
-    return 1.0 / sqrt(var[0] + eps)
-
-
-cdef void batch_scales(Py_ssize_t n_channels, Py_ssize_t count, double eps,
-                       const double *weight, double *var, double *invstd,
-                       double *scale) noexcept nogil:
-    """batch_invstd of every channel, and scale = weight * invstd."""
-    cdef Py_ssize_t c
-    for c in range(n_channels):
-        invstd[c] = batch_invstd(&var[c], count, eps)
-        scale[c] = weight[c] * invstd[c]
-
-
 cdef inline void train_channel(Planar x, Planar res, Planar y, Py_ssize_t c,
                                Py_ssize_t n_spatial, Py_ssize_t count, const double *weight,
                                const double *bias, double eps, double *mean, double *var,
@@ -1260,11 +1249,8 @@ def divide_by_sqrt(a, v, double eps):
     """a <- a / sqrt(v + eps) in place, for float64 vectors (evaluation's
     scale from the running variance), with IEEE results and no warnings:
     v + eps <= 0 gives Inf or NaN."""
-    cdef double *a_p = doubles(a, extent(a, 0) if isinstance(a, cnp.ndarray) else 0, True)
-    cdef const double *v_p = doubles(v, extent(a, 0), False)
-    cdef Py_ssize_t c
-    for c in range(extent(a, 0)):
-        a_p[c] = a_p[c] / sqrt(v_p[c] + eps)
+    cdef Py_ssize_t n = extent(a, 0) if isinstance(a, cnp.ndarray) else 0
+    cybn_divide_by_sqrt(doubles(a, n, True), doubles(v, n, False), eps, n)
 
 
 def update_running(running_mean, running_var, mean, var, Py_ssize_t count, double momentum,

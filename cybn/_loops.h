@@ -25,6 +25,7 @@
 #define CYBN_LOOPS_H
 
 #include <Python.h> /* Py_ssize_t */
+#include <math.h>   /* sqrt */
 #include <string.h> /* memcpy */
 
 #ifdef _OPENMP
@@ -130,11 +131,15 @@ CYBN_INLINE Py_ssize_t line_head(const void *p, Py_ssize_t len, size_t itemsize)
 typedef double cybn_v8d __attribute__((vector_size(64)));
 typedef float cybn_v8f __attribute__((vector_size(32)));
 
+/* Element by element, which GCC 12 turns into one vcvtps2pd from memory in
+ * the AVX-512 clone; its __builtin_convertvector there took two 256-bit
+ * conversions and a shuffle, 1.5x the time (measured on Zen 4). */
 CYBN_INLINE cybn_v8d load8_f32(const float *p)
 {
-    cybn_v8f v;
-    memcpy(&v, p, sizeof v); /* unaligned load */
-    return __builtin_convertvector(v, cybn_v8d);
+    cybn_v8d v;
+    for (int j = 0; j < 8; j++)
+        v[j] = (double)p[j];
+    return v;
 }
 
 CYBN_INLINE cybn_v8d load8_f64(const double *p)
@@ -705,5 +710,38 @@ static CYBN_DISPATCH void cybn_rows_grad_input_##SUFFIX(                        
 
 CYBN_DEFINE_LOOPS(float, f32)
 CYBN_DEFINE_LOOPS(double, f64)
+
+/* Per-channel scalars, vectorized by the clones (sqrt and division are
+ * exact IEEE operations in every one, so all give the same bits): 2048
+ * channels took 3.9 us in the baseline build, 1.8 us so. */
+
+/* *var: M2 in, the biased variance out; returns 1/sqrt(var + eps). */
+CYBN_INLINE double cybn_batch_invstd(double *var, Py_ssize_t count, double eps)
+{
+    *var = *var / (double)count;
+    return 1.0 / sqrt(*var + eps);
+}
+
+/* cybn_batch_invstd of every channel, and scale = weight * invstd. */
+static CYBN_DISPATCH void cybn_batch_scales(Py_ssize_t n, Py_ssize_t count, double eps,
+                                            const double *restrict weight,
+                                            double *restrict var, double *restrict invstd,
+                                            double *restrict scale)
+{
+    CYBN_PRAGMA(omp simd)
+    for (Py_ssize_t c = 0; c < n; c++) {
+        invstd[c] = cybn_batch_invstd(&var[c], count, eps);
+        scale[c] = weight[c] * invstd[c];
+    }
+}
+
+/* a[c] <- a[c] / sqrt(v[c] + eps): the scales of evaluation. */
+static CYBN_DISPATCH void cybn_divide_by_sqrt(double *restrict a, const double *restrict v,
+                                              double eps, Py_ssize_t n)
+{
+    CYBN_PRAGMA(omp simd)
+    for (Py_ssize_t c = 0; c < n; c++)
+        a[c] = a[c] / sqrt(v[c] + eps);
+}
 
 #endif /* CYBN_LOOPS_H */
