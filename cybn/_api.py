@@ -83,8 +83,9 @@ def _vector(v, n_channels, name, default=None):
     Always a copy, so that an output buffer overlapping the caller's array
     cannot change the parameter while a kernel runs.
     """
-    if type(v) is np.ndarray and v.shape == (n_channels,) and v.dtype.kind == "f":
-        return v.astype(np.float64)  # the common case, quickly
+    copy = _kernels.float64_copy(v, n_channels)  # the common case, quickly
+    if copy is not None:
+        return copy
     if v is None:
         if default is None:
             raise TypeError(f"{name} is required, got None")

@@ -390,8 +390,9 @@ cdef cnp.ndarray operand(object a, int ndim, int first, object like_array, bint 
         if cnp.PyArray_DIM(arr, axis) != 1 and cnp.PyArray_STRIDE(arr, axis) != expected:
             raise ValueError("cybn kernel operand: the inner axes are not one unit-stride run")
         expected *= cnp.PyArray_DIM(arr, axis)
-    if not cnp.PyArray_ISALIGNED(arr) or (output and not cnp.PyArray_ISWRITEABLE(arr)):
-        raise ValueError("cybn kernel operand: unaligned, or a read-only output")
+    if (not cnp.PyArray_ISALIGNED(arr) or not cnp.PyArray_ISNOTSWAPPED(arr)
+            or (output and not cnp.PyArray_ISWRITEABLE(arr))):
+        raise ValueError("cybn kernel operand: unaligned, byte-swapped, or a read-only output")
     return arr
 
 
@@ -1070,6 +1071,36 @@ def may_overlap(cnp.ndarray a not None, cnp.ndarray b not None):
     byte_bounds(a, &a_low, &a_high)
     byte_bounds(b, &b_low, &b_high)
     return a_low < b_high and b_low < a_high
+
+
+def float64_copy(v, Py_ssize_t n):
+    """A new float64 array of v's values when v is an aligned, native float32
+    or float64 ndarray of shape (n,), of any stride; None otherwise (cybn._api
+    then converts v itself, or says what is wrong with it).  NumPy's astype
+    widens float32 without SIMD: 2048 values took 0.66 us."""
+    if type(v) is not cnp.ndarray:
+        return None
+    cdef cnp.ndarray arr = <cnp.ndarray>v
+    cdef int type_num = cnp.PyArray_TYPE(arr)
+    if (cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIM(arr, 0) != n
+            or (type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE)
+            or not cnp.PyArray_ISALIGNED(arr) or not cnp.PyArray_ISNOTSWAPPED(arr)):
+        return None
+    cdef cnp.npy_intp size = n
+    cdef cnp.ndarray result = cnp.PyArray_EMPTY(1, &size, cnp.NPY_DOUBLE, 0)
+    cdef double *out = <double *>cnp.PyArray_DATA(result)
+    cdef char *src = cnp.PyArray_BYTES(arr)
+    cdef Py_ssize_t stride = cnp.PyArray_STRIDE(arr, 0), i
+    if type_num == cnp.NPY_FLOAT and stride == sizeof(float):
+        for i in range(n):
+            out[i] = (<float *>src)[i]
+    elif type_num == cnp.NPY_FLOAT:
+        for i in range(n):
+            out[i] = (<float *>(src + i * stride))[0]
+    else:
+        for i in range(n):
+            out[i] = (<double *>(src + i * stride))[0]
+    return result
 
 
 # ---------------------------------------------------------------------------

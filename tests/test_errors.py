@@ -248,3 +248,39 @@ def test_may_overlap_agrees_with_numpy():
         for b in views:
             assert _kernels.may_overlap(a, b) == np.may_share_memory(a, b), (
                 a.__array_interface__, b.__array_interface__)
+
+
+def test_float64_copy_is_a_fresh_exact_copy():
+    from cybn import _kernels
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        base = rng.standard_normal(24).astype(dtype)
+        for v in (base[:6], base[::4], base[::-3][:6], base[5:11].copy()):
+            copy = _kernels.float64_copy(v, 6)
+            assert copy.dtype == np.float64 and copy.shape == (6,)
+            assert copy.flags.c_contiguous and copy.flags.owndata
+            np.testing.assert_array_equal(copy, v.astype(np.float64))
+            assert not np.may_share_memory(copy, v)
+
+
+@pytest.mark.parametrize("v", [
+    [1.0] * 6, np.ones(6, np.float16), np.ones(6, np.int64), np.ones(6, ">f4"),
+    np.ones(5, np.float32), np.ones((6, 1)), np.ma.ones(6), np.float64(1.0),
+    np.frombuffer(b"\0" * 25, np.uint8)[1:].view(np.float32)[:6],  # unaligned
+])
+def test_float64_copy_leaves_other_input_to_the_api(v):
+    from cybn import _kernels
+    assert _kernels.float64_copy(v, 6) is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: w.astype(">f8"), lambda w: np.repeat(w, 2)[::2], lambda w: w.astype(np.float16),
+    lambda w: list(w), lambda w: np.ma.array(w),
+])
+def test_parameters_of_any_real_form_act_as_float64(make):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 6, 3)).astype(np.float32)
+    w = rng.standard_normal(6).astype(np.float16).astype(np.float64)  # exact in every form
+    expected, _, _ = cybn.forward_train(x, w, w)
+    got, _, _ = cybn.forward_train(x, make(w), make(w))
+    np.testing.assert_array_equal(got, expected)
