@@ -130,6 +130,7 @@ CYBN_INLINE Py_ssize_t line_head(const void *p, Py_ssize_t len, size_t itemsize)
  * registers each), merged in a fixed order at the end. */
 typedef double cybn_v8d __attribute__((vector_size(64)));
 typedef float cybn_v8f __attribute__((vector_size(32)));
+typedef long long cybn_v8l __attribute__((vector_size(64)));
 
 /* Element by element, which GCC 12 turns into one vcvtps2pd from memory in
  * the AVX-512 clone; its __builtin_convertvector there took two 256-bit
@@ -247,6 +248,14 @@ CYBN_INLINE void shifted_sums_run_##SUFFIX(const T *x, Py_ssize_t n, double shif
     }                                                                                 \
 }                                                                                     \
                                                                                       \
+/* dy where y > 0 and 0 elsewhere, 8 values widened: a mask of bits (a       \
+ * per-element choice compiled to a branch per value in the AVX-512 clone). */    \
+CYBN_INLINE cybn_v8d masked8_##SUFFIX(const T *dy, const T *y)                        \
+{                                                                                     \
+    cybn_v8l keep = load8_##SUFFIX(y) > 0.0;                                          \
+    return (cybn_v8d)((cybn_v8l)load8_##SUFFIX(dy) & keep);                           \
+}                                                                                     \
+                                                                                      \
 /* The same for sum(g) and sum(g * (x - mean)), g = dy, or (masked) dy where     \
  * y > 0 and 0 elsewhere: the ReLU's backward. */                                  \
 CYBN_INLINE void grad_sums_run_##SUFFIX(const T *dy, const T *y, const T *x,          \
@@ -258,13 +267,8 @@ CYBN_INLINE void grad_sums_run_##SUFFIX(const T *dy, const T *y, const T *x,    
     for (; i + 16 <= n; i += 16) {                                                    \
         cybn_v8d g0, g1;                                                              \
         if (masked) {                                                                 \
-            T kept[16];                                                               \
-            for (int j = 0; j < 16; j++) {                                            \
-                T d = dy[i + j];                                                      \
-                kept[j] = y[i + j] > 0 ? d : (T)0;                                    \
-            }                                                                         \
-            g0 = load8_##SUFFIX(kept);                                                \
-            g1 = load8_##SUFFIX(kept + 8);                                            \
+            g0 = masked8_##SUFFIX(dy + i, y + i);                                     \
+            g1 = masked8_##SUFFIX(dy + i + 8, y + i + 8);                             \
         } else {                                                                      \
             g0 = load8_##SUFFIX(dy + i);                                              \
             g1 = load8_##SUFFIX(dy + i + 8);                                          \
