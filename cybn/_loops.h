@@ -129,7 +129,6 @@ CYBN_INLINE Py_ssize_t line_head(const void *p, Py_ssize_t len, size_t itemsize)
  * the lanes exist whatever the instruction set: 1 AVX-512, 2 AVX2 or 4 SSE2
  * registers each), merged in a fixed order at the end. */
 typedef double cybn_v8d __attribute__((vector_size(64)));
-typedef float cybn_v8f __attribute__((vector_size(32)));
 typedef long long cybn_v8l __attribute__((vector_size(64)));
 
 /* Element by element, which GCC 12 turns into one vcvtps2pd from memory in
