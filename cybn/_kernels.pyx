@@ -1117,7 +1117,8 @@ def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
     statistics, which are written to mean, var (biased) and invstd."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
-    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
+    cdef Py_ssize_t n_spatial = spatial_extent(x)
     cdef Planar rv = planar(residual, x, False, like), yv = planar(out, x, True, like)
     cdef const double *weight_p = doubles(weight, n_channels, False)
     cdef const double *bias_p = doubles(bias, n_channels, False)
@@ -1194,7 +1195,8 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
     when given."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
-    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
+    cdef Py_ssize_t n_spatial = spatial_extent(x)
     cdef Planar dyv = planar(dy, x, False, like), yv = planar(relu_output, x, False, like)
     cdef Planar dxv = planar(dx, x, True, like), gv = planar(grad_residual, x, True, like)
     cdef const double *mean_p = doubles(mean, n_channels, False)
@@ -1318,7 +1320,8 @@ def update_running(running_mean, running_var, mean, var, Py_ssize_t count, doubl
 def moments_planar(x, mean, m2, floating kind=0):
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
-    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
+    cdef Py_ssize_t n_spatial = spatial_extent(x)
     cdef double *mean_p = doubles(mean, n_channels, True)
     cdef double *m2_p = doubles(m2, n_channels, True)
     cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial))
@@ -1351,7 +1354,8 @@ def affine_planar(x, out, mean, scale, shift, residual=None, bint relu=False,
     """out = act((x - mean)*scale + shift [+ residual]), per channel."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
-    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
+    cdef Py_ssize_t n_spatial = spatial_extent(x)
     cdef Planar rv = planar(residual, x, False, like), yv = planar(out, x, True, like)
     cdef const double *mean_p = doubles(mean, n_channels, False)
     cdef const double *scale_p = doubles(scale, n_channels, False)
@@ -1379,7 +1383,8 @@ def affine_rows(x, out, mean, scale, shift, residual=None, bint relu=False, floa
 def grad_sums_planar(dy, x, mean, sum_dy, sum_dy_xmu, relu_output=None, floating kind=0):
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
-    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
+    cdef Py_ssize_t n_spatial = spatial_extent(x)
     cdef Planar dyv = planar(dy, x, False, like), yv = planar(relu_output, x, False, like)
     cdef const double *mean_p = doubles(mean, n_channels, False)
     cdef double *sum_dy_p = doubles(sum_dy, n_channels, True)
@@ -1418,7 +1423,8 @@ def grad_input_planar(dy, x, dx, mean, dy_shift, x_coef, scale, relu_output=None
     (masked by relu_output > 0 when given, and then kept in grad_residual)."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
-    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1), n_spatial = spatial_extent(x)
+    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
+    cdef Py_ssize_t n_spatial = spatial_extent(x)
     cdef Planar dyv = planar(dy, x, False, like), yv = planar(relu_output, x, False, like)
     cdef Planar dxv = planar(dx, x, True, like), gv = planar(grad_residual, x, True, like)
     cdef const double *mean_p = doubles(mean, n_channels, False)
