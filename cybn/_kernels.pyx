@@ -38,6 +38,8 @@ cdef extern from "_loops.h" nogil:
         Py_ssize_t batch_stride
         Py_ssize_t channel_stride
     int cybn_max_threads()
+    int cybn_fused
+    void cybn_detect_fma()
     void cybn_divide_by_sqrt(double *a, const double *v, double eps, Py_ssize_t n)
     double batch_invstd "cybn_batch_invstd"(double *var, Py_ssize_t count, double eps)
     void batch_scales "cybn_batch_scales"(
@@ -143,6 +145,19 @@ cdef extern from "_loops.h" nogil:
         double *g_out, Py_ssize_t g_stride, Py_ssize_t n_channels, Py_ssize_t begin,
         Py_ssize_t end, const double *mean, const double *dy_shift, const double *x_coef,
         const double *scale, int block, int stream)
+
+
+cybn_detect_fma()
+
+
+def set_fused(bint on):
+    """Use (True) or not the fused multiply-add form of the planar float32
+    element-wise passes (see _loops.h; the default is whether the CPU has
+    fma); returns the old setting.  For tests: both forms must agree but for
+    the last bit in rare cases."""
+    global cybn_fused
+    old, cybn_fused = cybn_fused, on
+    return bool(old)
 
 
 # Below this many values a parallel region costs more than it saves (and

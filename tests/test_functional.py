@@ -1,4 +1,6 @@
 """cybn's functions against the float64 reference (cybn.reference)."""
+import os
+import platform
 import warnings
 
 import numpy as np
@@ -296,3 +298,112 @@ def test_no_full_size_temporaries_with_out(shape):
     finally:
         tracemalloc.stop()
     assert peak < 64 * c * 8 + 65536, f"peak {peak} bytes for {x.nbytes} bytes of data"
+
+
+# The float32 element-wise passes in their fused multiply-add form (on CPUs
+# with fma) and the unfused one (the others): both must round the exact value.
+
+@pytest.fixture(params=[True, False], ids=["fused", "unfused"])
+def fused(request):
+    from cybn import _kernels
+
+    old = _kernels.set_fused(request.param)
+    yield request.param
+    _kernels.set_fused(old)
+
+
+def test_fused_form_is_on_where_the_cpu_has_fma():
+    from cybn import _kernels
+
+    flags = ""
+    if platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    else:
+        pytest.skip("reads the fma flag from Linux x86-64's /proc/cpuinfo")
+    old = _kernels.set_fused(False)
+    _kernels.set_fused(old)
+    assert old == ("fma" in flags.split())
+
+
+def _exact(*terms):
+    """Long double (64 significant bits on x86) of the formula's terms."""
+    return [np.asarray(t, np.longdouble) for t in terms]
+
+
+def test_float32_elementwise_passes_round_the_exact_value(fused):
+    """y = (x - mean) * scale + shift and dx = ((g - h) - (x - mean) * q) * s,
+    computed in long double then rounded to float32, against the kernels,
+    values far from zero mean (mean / std = 3) among them."""
+    from cybn import _kernels
+
+    rng = np.random.default_rng(40)
+    c = 8
+    x = random_batch((16, c, 48, 48), np.float32, seed=41, offset=3.0)
+    dy = random_batch(x.shape, np.float32, seed=42)
+    mean, scale, shift = rng.standard_normal(c) + 3, rng.uniform(0.5, 2, c), rng.standard_normal(c)
+    h, q = 0.1 * rng.standard_normal(c), rng.uniform(0.5, 1.5, c)
+    xl, dyl = _exact(x, dy)
+    m, s, b, hl, ql = (v[:, None, None] for v in _exact(mean, scale, shift, h, q))
+    for name, got, exact in [
+        ("y", _kernels.affine_planar["float"], (xl - m) * s + b),
+        ("dx", _kernels.grad_input_planar["float"], ((dyl - hl) - (xl - m) * ql) * s),
+    ]:
+        out = np.empty_like(x)
+        if name == "y":
+            got(x, out, mean, scale, shift)
+        else:
+            got(dy, x, out, mean, h, q, scale)
+        expected = exact.astype(np.float32)
+        ulps = np.abs(out.view(np.int32).astype(np.int64) - expected.view(np.int32))
+        # Both forms are off by a double's rounding before the float's: a
+        # different float only within ~2^-29 ulp of a tie (none of these).
+        assert ulps.max() <= 1, name
+        assert np.count_nonzero(ulps) <= x.size // 100000, name
+
+
+def test_fused_and_unfused_forms_agree_on_special_values():
+    """The fused dx keeps the unfused form where its coefficients are not
+    finite (var + eps = 0: an infinite scale); the fused y needs no such care."""
+    from cybn import _kernels
+
+    x = random_batch((4, 3, 6, 6), np.float32, seed=43)
+    x[:, 0] = 2.0  # constant channel: var = 0, with eps = 0 invstd is inf
+    x[1, 1, 2, 2] = np.inf
+    x[2, 2, 0, 0] = np.nan
+    dy = random_batch(x.shape, np.float32, seed=44)
+    results = []
+    for on in (True, False):
+        old = _kernels.set_fused(on)
+        try:
+            with np.errstate(all="ignore"):
+                y, mean, invstd = cybn.forward_train(x, eps=0.0)
+                dx, dw, db = cybn.backward(dy, x, mean, invstd)
+                dx_eval, _, _ = cybn.backward(dy, x, mean, invstd, training=False)
+                y_eval = cybn.forward_eval(x, np.array([2.0, 0, 0]), np.array([0.0, 1, 1]),
+                                           eps=0.0)
+        finally:
+            _kernels.set_fused(old)
+        results.append([y, dx, dw, db, dx_eval, y_eval])
+    for name, a, b in zip(["y", "dx", "dw", "db", "dx_eval", "y_eval"], *results):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    # The constant channel's evaluation-mode dx: g * inf, where the fused form
+    # would give inf - inf = NaN.
+    assert np.isinf(results[0][4][:, 0]).all()
+
+
+@pytest.mark.parametrize("shape", [(12, 4, 8, 8), (2, 251, 28, 28), (4, 3, 96, 96)], ids=str)
+def test_float32_forward_and_backward_in_both_forms(shape, fused):
+    x = random_batch(shape, np.float32, seed=45, offset=3.0, scale=2.0)
+    dy = random_batch(shape, np.float32, seed=46)
+    weight, bias = _params(shape[1], True)
+    y, mean, invstd = cybn.forward_train(x, weight, bias)
+    expected = reference.forward_train(x, weight, bias)
+    assert_close(y, expected[0], np.float32, "y")
+    dx, dw, db = cybn.backward(dy, x, mean, invstd, weight)
+    for name, got, want in zip(["dx", "dw", "db"], (dx, dw, db),
+                               reference.backward(dy, x, mean, invstd, weight)):
+        assert_close(got, want, np.float32, name)
+    rm, rv = np.linspace(-1, 1, shape[1]), np.linspace(0.5, 2, shape[1])
+    assert_close(cybn.forward_eval(x, rm, rv, weight, bias),
+                 reference.forward_eval(x, rm, rv, weight, bias), np.float32, "y_eval")
