@@ -151,10 +151,10 @@ cybn_detect_fma()
 
 
 def set_fused(bint on):
-    """Use (True) or not the fused multiply-add form of the planar float32
-    element-wise passes (see _loops.h; the default is whether the CPU has
-    fma); returns the old setting.  For tests: both forms must agree but for
-    the last bit in rare cases."""
+    """Use (True) or not fused multiply-adds in the planar float32 passes
+    (see _loops.h; the default is whether the CPU has fma); returns the old
+    setting.  For tests: both forms must agree but for the last bit in rare
+    cases."""
     global cybn_fused
     old, cybn_fused = cybn_fused, on
     return bool(old)

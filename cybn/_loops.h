@@ -47,15 +47,17 @@ static inline int cybn_max_threads(void) { return 1; }
 
 #define CYBN_PRAGMA(text) _Pragma(#text)
 
-/* The float32 element-wise passes compute in double and round once to float;
- * the conversions to and from double take most of their time.  Where the
- * machine has fused multiply-add, the planar passes do each multiply-add as
- * one fma: one rounding fewer in double, and 1.14-1.21x on float32 evaluation
- * and on the backward's dx pass at cached ResNet-50 shapes (Zen 4).  Without
- * it, fma() would be a library call per value, so those machines keep the
- * unfused form, and their float32 results may differ in the last bit in rare
- * cases.  (The rows passes measured no gain and stay unfused; float64 ones
- * are bound by memory.)  Set once at import by cybn_detect_fma. */
+/* The float32 passes compute in double and round once to float; the
+ * conversions to and from double take most of their time.  Where the machine
+ * has fused multiply-add, the planar float32 passes do each multiply-add as
+ * one fma: one rounding fewer in double, and on Zen 4 at cached ResNet-50
+ * shapes 1.14-1.21x on evaluation and the backward's dx pass, then 1.06-1.11x
+ * on training and 1.02-1.06x on the backward from the sums.  Without it, fma()
+ * would be a library call per value, so those machines keep the unfused
+ * form, and their float32 results may differ in the last bit in rare cases.
+ * (The rows passes measured no gain and stay unfused, as do float64 ones,
+ * which are bound by memory: their results are the same on every machine.)
+ * Set once at import by cybn_detect_fma. */
 static int cybn_fused = 0;
 
 static void cybn_detect_fma(void)
@@ -182,6 +184,17 @@ CYBN_INLINE cybn_v8d load8_f64(const double *p)
     return v;
 }
 
+/* acc + a * b lane by lane, each as one fma where fused (GCC makes that one
+ * vector fma). */
+CYBN_INLINE cybn_v8d mul_add8(cybn_v8d a, cybn_v8d b, cybn_v8d acc, const int fused)
+{
+    if (!fused)
+        return acc + a * b;
+    for (int j = 0; j < 8; j++)
+        acc[j] = fma(a[j], b[j], acc[j]);
+    return acc;
+}
+
 CYBN_INLINE double lanes_total(const cybn_v8d *v) /* a pointer: no vector ABI */
 {
     return (((*v)[0] + (*v)[1]) + ((*v)[2] + (*v)[3]))
@@ -262,7 +275,8 @@ typedef struct {
  * q0|q1, and the values past the last full 16 in ts, tq. */                      \
 CYBN_INLINE void shifted_sums_run_##SUFFIX(const T *x, Py_ssize_t n, double shift,    \
                                            cybn_v8d *s0, cybn_v8d *s1, cybn_v8d *q0,  \
-                                           cybn_v8d *q1, double *ts, double *tq)      \
+                                           cybn_v8d *q1, double *ts, double *tq,      \
+                                           const int fused)                           \
 {                                                                                     \
     Py_ssize_t i = 0;                                                                 \
     for (; i + 16 <= n; i += 16) {                                                    \
@@ -270,13 +284,13 @@ CYBN_INLINE void shifted_sums_run_##SUFFIX(const T *x, Py_ssize_t n, double shif
         cybn_v8d d1 = load8_##SUFFIX(x + i + 8) - shift;                              \
         *s0 += d0;                                                                    \
         *s1 += d1;                                                                    \
-        *q0 += d0 * d0;                                                               \
-        *q1 += d1 * d1;                                                               \
+        *q0 = mul_add8(d0, d0, *q0, fused);                                           \
+        *q1 = mul_add8(d1, d1, *q1, fused);                                           \
     }                                                                                 \
     for (; i < n; i++) {                                                              \
         double d = (double)x[i] - shift;                                              \
         *ts += d;                                                                     \
-        *tq += d * d;                                                                 \
+        *tq = fused ? fma(d, d, *tq) : *tq + d * d;                                   \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
@@ -293,7 +307,8 @@ CYBN_INLINE cybn_v8d masked8_##SUFFIX(const T *dy, const T *y)                  
 CYBN_INLINE void grad_sums_run_##SUFFIX(const T *dy, const T *y, const T *x,          \
                                         Py_ssize_t n, double mean, cybn_v8d *s0,      \
                                         cybn_v8d *s1, cybn_v8d *p0, cybn_v8d *p1,     \
-                                        double *ts, double *tp, const int masked)     \
+                                        double *ts, double *tp, const int masked,     \
+                                        const int fused)                              \
 {                                                                                     \
     Py_ssize_t i = 0;                                                                 \
     for (; i + 16 <= n; i += 16) {                                                    \
@@ -307,13 +322,14 @@ CYBN_INLINE void grad_sums_run_##SUFFIX(const T *dy, const T *y, const T *x,    
         }                                                                             \
         *s0 += g0;                                                                    \
         *s1 += g1;                                                                    \
-        *p0 += g0 * (load8_##SUFFIX(x + i) - mean);                                   \
-        *p1 += g1 * (load8_##SUFFIX(x + i + 8) - mean);                               \
+        *p0 = mul_add8(g0, load8_##SUFFIX(x + i) - mean, *p0, fused);                 \
+        *p1 = mul_add8(g1, load8_##SUFFIX(x + i + 8) - mean, *p1, fused);             \
     }                                                                                 \
     for (; i < n; i++) {                                                              \
         double g = masked && !(y[i] > 0) ? 0.0 : (double)dy[i];                       \
         *ts += g;                                                                     \
-        *tp += g * ((double)x[i] - mean);                                             \
+        double d = (double)x[i] - mean;                                               \
+        *tp = fused ? fma(g, d, *tp) : *tp + g * d;                                   \
     }                                                                                 \
 }                                                                                     \
                                                                                       \
@@ -321,9 +337,10 @@ CYBN_INLINE void grad_sums_run_##SUFFIX(const T *dy, const T *y, const T *x,    
                                                                                       \
 /* *sum += sum(x - shift); *sumsq += sum((x - shift)^2).  Each run asks for the       \
  * one `ahead` runs later (0: none; see prefetch_run). */                             \
-static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                                  \
+CYBN_INLINE void planar_sums_body_##SUFFIX(                                           \
     const T *x, Py_ssize_t batch_stride, Py_ssize_t n_spatial, Py_ssize_t begin,      \
-    Py_ssize_t end, double shift, double *sum, double *sumsq, Py_ssize_t ahead)       \
+    Py_ssize_t end, double shift, double *sum, double *sumsq, Py_ssize_t ahead,       \
+    const int fused)                                                                  \
 {                                                                                     \
     cybn_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                  \
     double ts = 0.0, tq = 0.0;                                                        \
@@ -331,7 +348,7 @@ static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                            
         if (ahead && (n + ahead) * n_spatial < end)                                   \
             prefetch_run(x + (n + ahead) * batch_stride, n_spatial * sizeof(T));      \
         shifted_sums_run_##SUFFIX(x + n * batch_stride + s, len, shift, &s0, &s1, &q0,\
-                                  &q1, &ts, &tq);                                     \
+                                  &q1, &ts, &tq, fused);                              \
     })                                                                                \
     s0 += s1;                                                                         \
     q0 += q1;                                                                         \
@@ -339,12 +356,25 @@ static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                            
     *sumsq += lanes_total(&q0) + tq;                                                  \
 }                                                                                     \
                                                                                       \
+static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                                  \
+    const T *x, Py_ssize_t batch_stride, Py_ssize_t n_spatial, Py_ssize_t begin,      \
+    Py_ssize_t end, double shift, double *sum, double *sumsq, Py_ssize_t ahead)       \
+{                                                                                     \
+    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
+        planar_sums_body_##SUFFIX(x, batch_stride, n_spatial, begin, end, shift, sum, \
+                                  sumsq, ahead, 1);                                   \
+    else                                                                              \
+        planar_sums_body_##SUFFIX(x, batch_stride, n_spatial, begin, end, shift, sum, \
+                                  sumsq, ahead, 0);                                   \
+}                                                                                     \
+                                                                                      \
 /* *sum_dy += sum(g); *sum_dy_xmu += sum(g * (x - mean)); y, when not NULL,       \
  * masks dy (the ReLU's backward).  Prefetches as cybn_planar_sums.  */               \
-static CYBN_DISPATCH void cybn_planar_grad_sums_##SUFFIX(                             \
+CYBN_INLINE void planar_grad_sums_body_##SUFFIX(                                      \
     const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
     Py_ssize_t x_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,      \
-    double mean, double *sum_dy, double *sum_dy_xmu, Py_ssize_t ahead)                \
+    double mean, double *sum_dy, double *sum_dy_xmu, Py_ssize_t ahead,                \
+    const int fused)                                                                  \
 {                                                                                     \
     cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                                  \
     double ts = 0.0, tp = 0.0;                                                        \
@@ -358,15 +388,30 @@ static CYBN_DISPATCH void cybn_planar_grad_sums_##SUFFIX(                       
         }                                                                             \
         if (y)                                                                        \
             grad_sums_run_##SUFFIX(g, y + n * y_stride + s, v, len, mean, &s0, &s1,   \
-                                   &p0, &p1, &ts, &tp, 1);                            \
+                                   &p0, &p1, &ts, &tp, 1, fused);                     \
         else                                                                          \
             grad_sums_run_##SUFFIX(g, g, v, len, mean, &s0, &s1, &p0, &p1, &ts, &tp,  \
-                                   0);                                                \
+                                   0, fused);                                         \
     })                                                                                \
     s0 += s1;                                                                         \
     p0 += p1;                                                                         \
     *sum_dy += lanes_total(&s0) + ts;                                                 \
     *sum_dy_xmu += lanes_total(&p0) + tp;                                             \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_planar_grad_sums_##SUFFIX(                             \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,      \
+    double mean, double *sum_dy, double *sum_dy_xmu, Py_ssize_t ahead)                \
+{                                                                                     \
+    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
+        planar_grad_sums_body_##SUFFIX(dy, dy_stride, y, y_stride, x, x_stride,       \
+                                       n_spatial, begin, end, mean, sum_dy,           \
+                                       sum_dy_xmu, ahead, 1);                         \
+    else                                                                              \
+        planar_grad_sums_body_##SUFFIX(dy, dy_stride, y, y_stride, x, x_stride,       \
+                                       n_spatial, begin, end, mean, sum_dy,           \
+                                       sum_dy_xmu, ahead, 0);                         \
 }                                                                                     \
                                                                                       \
 /* Element-wise passes.  One inline body per pass, with the options as       \
@@ -512,20 +557,56 @@ static CYBN_DISPATCH void cybn_planar_grad_input_##SUFFIX(                      
  * hardware prefetcher.  Sums go to per-channel arrays, each run's sum added     \
  * in run order. ---- */                                                          \
                                                                                       \
-static CYBN_DISPATCH void cybn_runs_sums_##SUFFIX(                                    \
+CYBN_INLINE void runs_sums_body_##SUFFIX(                                             \
     cybn_planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t run_begin, \
     Py_ssize_t run_end, const double *restrict shift, double *restrict sum,           \
-    double *restrict sumsq)                                                           \
+    double *restrict sumsq, const int fused)                                          \
 {                                                                                     \
     CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
         cybn_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                              \
         double ts = 0.0, tq = 0.0;                                                    \
         shifted_sums_run_##SUFFIX(CYBN_AT(T, x, n, c), n_spatial, shift[c], &s0, &s1, \
-                                  &q0, &q1, &ts, &tq);                                \
+                                  &q0, &q1, &ts, &tq, fused);                         \
         s0 += s1;                                                                     \
         q0 += q1;                                                                     \
         sum[c] += lanes_total(&s0) + ts;                                              \
         sumsq[c] += lanes_total(&q0) + tq;                                            \
+    })                                                                                \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_runs_sums_##SUFFIX(                                    \
+    cybn_planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t run_begin, \
+    Py_ssize_t run_end, const double *restrict shift, double *restrict sum,           \
+    double *restrict sumsq)                                                           \
+{                                                                                     \
+    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
+        runs_sums_body_##SUFFIX(x, n_channels, n_spatial, run_begin, run_end, shift,  \
+                                sum, sumsq, 1);                                       \
+    else                                                                              \
+        runs_sums_body_##SUFFIX(x, n_channels, n_spatial, run_begin, run_end, shift,  \
+                                sum, sumsq, 0);                                       \
+}                                                                                     \
+                                                                                      \
+CYBN_INLINE void runs_grad_sums_body_##SUFFIX(                                        \
+    cybn_planar dy, cybn_planar y, cybn_planar x, Py_ssize_t n_channels,              \
+    Py_ssize_t n_spatial, Py_ssize_t run_begin, Py_ssize_t run_end,                   \
+    const double *restrict mean, double *restrict sum_dy,                             \
+    double *restrict sum_dy_xmu, const int fused)                                     \
+{                                                                                     \
+    CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
+        cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                              \
+        double ts = 0.0, tp = 0.0;                                                    \
+        const T *g = CYBN_AT(T, dy, n, c), *v = CYBN_AT(T, x, n, c);                  \
+        if (y.data)                                                                   \
+            grad_sums_run_##SUFFIX(g, CYBN_AT(T, y, n, c), v, n_spatial, mean[c], &s0,\
+                                   &s1, &p0, &p1, &ts, &tp, 1, fused);                \
+        else                                                                          \
+            grad_sums_run_##SUFFIX(g, g, v, n_spatial, mean[c], &s0, &s1, &p0, &p1,   \
+                                   &ts, &tp, 0, fused);                               \
+        s0 += s1;                                                                     \
+        p0 += p1;                                                                     \
+        sum_dy[c] += lanes_total(&s0) + ts;                                           \
+        sum_dy_xmu[c] += lanes_total(&p0) + tp;                                       \
     })                                                                                \
 }                                                                                     \
                                                                                       \
@@ -535,21 +616,12 @@ static CYBN_DISPATCH void cybn_runs_grad_sums_##SUFFIX(                         
     const double *restrict mean, double *restrict sum_dy,                             \
     double *restrict sum_dy_xmu)                                                      \
 {                                                                                     \
-    CYBN_FOR_RUNS_IN_ORDER(run_begin, run_end, n_channels, n, c, {                    \
-        cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                              \
-        double ts = 0.0, tp = 0.0;                                                    \
-        const T *g = CYBN_AT(T, dy, n, c), *v = CYBN_AT(T, x, n, c);                  \
-        if (y.data)                                                                   \
-            grad_sums_run_##SUFFIX(g, CYBN_AT(T, y, n, c), v, n_spatial, mean[c], &s0, \
-                                   &s1, &p0, &p1, &ts, &tp, 1);                       \
-        else                                                                          \
-            grad_sums_run_##SUFFIX(g, g, v, n_spatial, mean[c], &s0, &s1, &p0, &p1,   \
-                                   &ts, &tp, 0);                                      \
-        s0 += s1;                                                                     \
-        p0 += p1;                                                                     \
-        sum_dy[c] += lanes_total(&s0) + ts;                                           \
-        sum_dy_xmu[c] += lanes_total(&p0) + tp;                                       \
-    })                                                                                \
+    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
+        runs_grad_sums_body_##SUFFIX(dy, y, x, n_channels, n_spatial, run_begin,      \
+                                     run_end, mean, sum_dy, sum_dy_xmu, 1);           \
+    else                                                                              \
+        runs_grad_sums_body_##SUFFIX(dy, y, x, n_channels, n_spatial, run_begin,      \
+                                     run_end, mean, sum_dy, sum_dy_xmu, 0);           \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_runs_affine_##SUFFIX(                                  \
