@@ -356,6 +356,8 @@ def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None
     """
     y, mean, invstd, _ = _forward_train(x, weight, bias, running_mean, running_var,
                                         momentum, eps, out, axis, residual, activation)
+    if eps >= 1e-76:  # then invstd <= 1e38: within float32's range
+        return y, mean.astype(x.dtype), invstd.astype(x.dtype)
     with np.errstate(over="ignore"):  # IEEE: an invstd beyond float32's range is inf
         return y, mean.astype(x.dtype), invstd.astype(x.dtype)
 
