@@ -651,13 +651,10 @@ cdef inline void runs_grad_input(Planar dy, Planar y, Planar x, Planar dx, Plana
 
 
 # ---------------------------------------------------------------------------
-# Statistics.  Sums are taken of x - shift, shift being the channel's first
-# value: a constant channel then gives exactly s = 0, mean = shift and M2 = 0,
-# and an offset such as 1e6 + N(0, 1) costs no precision.  For float32 data
-# one pass suffices: as the shift is a sample of the channel, the cancellation
-# in q - s^2/count costs at most ~count * 2^-53 relative, far below float32's
-# 2^-24.  float64 data gets a second pass about the mean (the corrected
-# two-pass algorithm), to keep float64's own precision.
+# Statistics.  Sums are taken of x - shift, shift being near the channel's
+# values (see first_shift): a constant channel then gives exactly s = 0,
+# mean = shift and M2 = 0, and an offset such as 1e6 + N(0, 1) costs no
+# precision.
 
 # Partial sums of the parts of a channel are added in part order, so the
 # totals depend on the shape alone.  Layouts: planar tasks keep
@@ -713,19 +710,21 @@ cdef double first_shift(const floating *first, Py_ssize_t n_runs, Py_ssize_t run
                         Py_ssize_t run_length) noexcept nogil:
     """The first pass's shift for a channel of n_runs runs of run_length
     values, run_stride elements apart, from `first` (see above): the first
-    value, or (float64) the sample mean where that is finite."""
+    value, or (float64) the sample mean where that is finite.  The sample is
+    summed about the first value, so that a constant channel gets exactly
+    its value (then s = q = 0: mean exact, M2 = 0, no centred pass)."""
     cdef Py_ssize_t k, i, runs = min(n_runs, SAMPLE_RUNS)
     cdef Py_ssize_t values = min(run_length, SAMPLE_VALUES)
     cdef const floating *run
-    cdef double total = 0.0
+    cdef double total = 0.0, shift
     if floating is double:
         for k in range(runs):
             run = first + (k * n_runs // runs) * run_stride
             for i in range(values):
-                total += run[i]
-        total /= runs * values
-        if isfinite(total):
-            return total
+                total += run[i] - first[0]
+        shift = first[0] + total / (runs * values)
+        if isfinite(shift):
+            return shift
     return first[0]
 
 
