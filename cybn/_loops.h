@@ -232,6 +232,12 @@ CYBN_INLINE void prefetch_run(const void *p, Py_ssize_t bytes)
     else if (b) { enum { A_ = 0, B_ = 1 }; CALL; }                                   \
     else { enum { A_ = 0, B_ = 0 }; CALL; }
 
+/* CALL with F_ a compile-time constant: 1 where the float32 passes use fused
+ * multiply-adds (see cybn_fused), 0 elsewhere. */
+#define CYBN_FUSED_CASES(T, CALL)                                                    \
+    if (sizeof(T) == sizeof(float) && cybn_fused) { enum { F_ = 1 }; CALL; }         \
+    else { enum { F_ = 0 }; CALL; }
+
 /* Walk the flat indices [begin, end) of a planar channel run by run: each
  * piece is run N, from position S, LEN values long.  One division in all. */
 #define CYBN_FOR_RUNS(begin, end, n_spatial, N, S, LEN, ...)                         \
@@ -360,12 +366,8 @@ static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                            
     const T *x, Py_ssize_t batch_stride, Py_ssize_t n_spatial, Py_ssize_t begin,      \
     Py_ssize_t end, double shift, double *sum, double *sumsq, Py_ssize_t ahead)       \
 {                                                                                     \
-    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
-        planar_sums_body_##SUFFIX(x, batch_stride, n_spatial, begin, end, shift, sum, \
-                                  sumsq, ahead, 1);                                   \
-    else                                                                              \
-        planar_sums_body_##SUFFIX(x, batch_stride, n_spatial, begin, end, shift, sum, \
-                                  sumsq, ahead, 0);                                   \
+    CYBN_FUSED_CASES(T, planar_sums_body_##SUFFIX(x, batch_stride, n_spatial, begin,  \
+                                                  end, shift, sum, sumsq, ahead, F_));\
 }                                                                                     \
                                                                                       \
 /* *sum_dy += sum(g); *sum_dy_xmu += sum(g * (x - mean)); y, when not NULL,       \
@@ -404,14 +406,10 @@ static CYBN_DISPATCH void cybn_planar_grad_sums_##SUFFIX(                       
     Py_ssize_t x_stride, Py_ssize_t n_spatial, Py_ssize_t begin, Py_ssize_t end,      \
     double mean, double *sum_dy, double *sum_dy_xmu, Py_ssize_t ahead)                \
 {                                                                                     \
-    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
-        planar_grad_sums_body_##SUFFIX(dy, dy_stride, y, y_stride, x, x_stride,       \
-                                       n_spatial, begin, end, mean, sum_dy,           \
-                                       sum_dy_xmu, ahead, 1);                         \
-    else                                                                              \
-        planar_grad_sums_body_##SUFFIX(dy, dy_stride, y, y_stride, x, x_stride,       \
-                                       n_spatial, begin, end, mean, sum_dy,           \
-                                       sum_dy_xmu, ahead, 0);                         \
+    CYBN_FUSED_CASES(T, planar_grad_sums_body_##SUFFIX(dy, dy_stride, y, y_stride, x, \
+                                                       x_stride, n_spatial, begin,    \
+                                                       end, mean, sum_dy, sum_dy_xmu, \
+                                                       ahead, F_));                   \
 }                                                                                     \
                                                                                       \
 /* Element-wise passes.  One inline body per pass, with the options as       \
@@ -445,10 +443,8 @@ CYBN_INLINE void affine_run_##SUFFIX(const T *in, const T *res, T *out,         
                                      Py_ssize_t len, double mean, double scale,       \
                                      double shift, const int add, const int relu)     \
 {                                                                                     \
-    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
-        affine_loop_##SUFFIX(in, res, out, len, mean, scale, shift, add, relu, 1);    \
-    else                                                                              \
-        affine_loop_##SUFFIX(in, res, out, len, mean, scale, shift, add, relu, 0);    \
+    CYBN_FUSED_CASES(T, affine_loop_##SUFFIX(in, res, out, len, mean, scale, shift,   \
+                                             add, relu, F_));                         \
 }                                                                                     \
                                                                                       \
 /* g = dy, or dy where y > 0 and 0 elsewhere (the ReLU's backward);               \
@@ -579,12 +575,8 @@ static CYBN_DISPATCH void cybn_runs_sums_##SUFFIX(                              
     Py_ssize_t run_end, const double *restrict shift, double *restrict sum,           \
     double *restrict sumsq)                                                           \
 {                                                                                     \
-    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
-        runs_sums_body_##SUFFIX(x, n_channels, n_spatial, run_begin, run_end, shift,  \
-                                sum, sumsq, 1);                                       \
-    else                                                                              \
-        runs_sums_body_##SUFFIX(x, n_channels, n_spatial, run_begin, run_end, shift,  \
-                                sum, sumsq, 0);                                       \
+    CYBN_FUSED_CASES(T, runs_sums_body_##SUFFIX(x, n_channels, n_spatial, run_begin,  \
+                                                run_end, shift, sum, sumsq, F_));     \
 }                                                                                     \
                                                                                       \
 CYBN_INLINE void runs_grad_sums_body_##SUFFIX(                                        \
@@ -616,12 +608,9 @@ static CYBN_DISPATCH void cybn_runs_grad_sums_##SUFFIX(                         
     const double *restrict mean, double *restrict sum_dy,                             \
     double *restrict sum_dy_xmu)                                                      \
 {                                                                                     \
-    if (sizeof(T) == sizeof(float) && cybn_fused)                                     \
-        runs_grad_sums_body_##SUFFIX(dy, y, x, n_channels, n_spatial, run_begin,      \
-                                     run_end, mean, sum_dy, sum_dy_xmu, 1);           \
-    else                                                                              \
-        runs_grad_sums_body_##SUFFIX(dy, y, x, n_channels, n_spatial, run_begin,      \
-                                     run_end, mean, sum_dy, sum_dy_xmu, 0);           \
+    CYBN_FUSED_CASES(T, runs_grad_sums_body_##SUFFIX(dy, y, x, n_channels, n_spatial, \
+                                                     run_begin, run_end, mean, sum_dy,\
+                                                     sum_dy_xmu, F_));                \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_runs_affine_##SUFFIX(                                  \
