@@ -69,6 +69,30 @@ cdef extern from "_loops.h" nogil:
         const double *x, Py_ssize_t x_stride, const double *res, Py_ssize_t res_stride,
         double *y, Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t begin,
         Py_ssize_t end, double mean, double scale, double shift, int relu, int stream)
+    void planar_affine_sums_f32 "cybn_planar_affine_sums_f32"(
+        const float *x, Py_ssize_t x_stride, const float *res, Py_ssize_t res_stride,
+        float *y, Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t count, double mean,
+        double scale, double shift, int relu, int stream, Py_ssize_t next,
+        double next_shift, double *sum, double *sumsq)
+    void planar_affine_sums_f64 "cybn_planar_affine_sums_f64"(
+        const double *x, Py_ssize_t x_stride, const double *res, Py_ssize_t res_stride,
+        double *y, Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t count, double mean,
+        double scale, double shift, int relu, int stream, Py_ssize_t next,
+        double next_shift, double *sum, double *sumsq)
+    void planar_grad_input_sums_f32 "cybn_planar_grad_input_sums_f32"(
+        const float *dy, Py_ssize_t dy_stride, const float *y, Py_ssize_t y_stride,
+        const float *x, Py_ssize_t x_stride, float *dx, Py_ssize_t dx_stride,
+        float *g_out, Py_ssize_t g_stride, Py_ssize_t n_spatial, Py_ssize_t count,
+        double mean, double dy_shift, double x_coef, double scale, int stream,
+        Py_ssize_t next_dy, Py_ssize_t next_y, Py_ssize_t next_x, double next_mean,
+        double *sum_dy, double *sum_dy_xmu)
+    void planar_grad_input_sums_f64 "cybn_planar_grad_input_sums_f64"(
+        const double *dy, Py_ssize_t dy_stride, const double *y, Py_ssize_t y_stride,
+        const double *x, Py_ssize_t x_stride, double *dx, Py_ssize_t dx_stride,
+        double *g_out, Py_ssize_t g_stride, Py_ssize_t n_spatial, Py_ssize_t count,
+        double mean, double dy_shift, double x_coef, double scale, int stream,
+        Py_ssize_t next_dy, Py_ssize_t next_y, Py_ssize_t next_x, double next_mean,
+        double *sum_dy, double *sum_dy_xmu)
     void planar_grad_input_f32 "cybn_planar_grad_input_f32"(
         const float *dy, Py_ssize_t dy_stride, const float *y, Py_ssize_t y_stride,
         const float *x, Py_ssize_t x_stride, float *dx, Py_ssize_t dx_stride,
@@ -202,6 +226,12 @@ cdef Py_ssize_t SMALL_BYTES = 4 << 20
 # Element-wise passes stream their output (see streamed) only in runs of at
 # least STREAM_RUN_BYTES: shorter ones write most lines partly, plainly.
 cdef Py_ssize_t STREAM_RUN_BYTES = 512
+# One-pass calls stream only where their arrays exceed stream_above this many
+# times over (see streamed).
+cdef Py_ssize_t ONE_PASS_STREAM_FACTOR = 2
+# The per-channel path reads the next channel while it streams out this one
+# where a channel's inputs take at most this many bytes (see overlaps_next).
+cdef Py_ssize_t OVERLAP_CHANNEL_BYTES = 1 << 20
 
 
 ctypedef struct Rows:
@@ -314,6 +344,19 @@ cdef inline int rows_write_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channel
     return 1
 
 
+cdef inline bint overlaps_next(bint stream, Py_ssize_t count, Py_ssize_t n_inputs,
+                               Py_ssize_t itemsize) noexcept nogil:
+    """Whether the per-channel path runs the sums of the next channel along
+    with the streamed output of this one (see train_channels), for channels of
+    count values in n_inputs arrays.  Measured against one after the other
+    (interleaved, 2 threads): training forward 1.02-1.32x and backward
+    1.06-1.25x at the ResNet shapes with channels of up to 800 KB; with
+    channels of 3.2 to 6.4 MB (float64 32x64x112x112), which the second pass
+    cannot find in the cache anyway, the backward lost 0.89x.  No value
+    depends on it."""
+    return stream and count * n_inputs * itemsize <= OVERLAP_CHANNEL_BYTES
+
+
 # Element-wise passes write by streaming stores (see streamed) in calls whose
 # arrays exceed this many bytes; tests lower it to run every shape that can
 # through those stores.
@@ -330,19 +373,21 @@ def set_stream_above(Py_ssize_t n_bytes):
 cdef inline bint streamed(Py_ssize_t n_values, Py_ssize_t n_arrays, bint rereads,
                           Py_ssize_t run_values, Py_ssize_t itemsize) noexcept nogil:
     """Whether an element-wise pass writes its output by streaming stores (see
-    _loops.h): in calls that read their inputs a second time (after the
-    statistics or gradient sums: rereads), whose n_arrays arrays of n_values
-    exceed the cache, in runs of run_values of at least STREAM_RUN_BYTES.
-    The output could not stay in the cache anyway; streaming it keeps the
-    inputs there for the second pass and saves reading its lines from memory
-    before writing them.  Measured here against plain stores, in the same
-    runs: training forward 1.1-1.4x and backward 1.0-1.15x on the ResNet
-    shapes over the limit.  One-pass calls (evaluation) gain 1.3x on 100 MB
-    arrays when memory is the bottleneck but lose 0.9x when it is not, which
-    costs them parity with PyTorch here: they write plainly.  No value
-    depends on it."""
-    return (rereads and run_values * itemsize >= STREAM_RUN_BYTES
-            and n_values * n_arrays * itemsize > stream_above)
+    _loops.h), in runs of run_values of at least STREAM_RUN_BYTES: in calls
+    that read their inputs a second time (after the statistics or gradient
+    sums: rereads) whose n_arrays arrays of n_values exceed the cache, and in
+    one-pass calls (evaluation) whose arrays exceed it twice over.
+    An output over the cache could not stay there anyway; streaming it keeps
+    the inputs there for the second pass and saves reading its lines from
+    memory before writing them.  Measured here against plain stores, in the
+    same runs: training forward 1.1-1.4x and backward 1.0-1.15x on the ResNet
+    shapes over the limit; evaluation 1.22-1.29x with arrays of 98 MiB in all
+    (float32 32x512x28x28, float64 32x1024x14x14) and 1.32-1.37x with 205 to
+    410 MB, but 0.95-0.97x with 49 MiB, where part of the arrays is still in
+    the cache from the call before.  No value depends on it."""
+    return (run_values * itemsize >= STREAM_RUN_BYTES
+            and n_values * n_arrays * itemsize > (stream_above if rereads
+                                                  else ONE_PASS_STREAM_FACTOR * stream_above))
 
 
 cdef inline Py_ssize_t affine_arrays(bint residual) noexcept nogil:
@@ -528,6 +573,23 @@ cdef inline void planar_affine(Planar x, Planar res, Planar y, Py_ssize_t c,
                           begin, end, mean, scale, shift, relu, stream)
 
 
+cdef inline void planar_affine_sums(Planar x, Planar res, Planar y, Py_ssize_t c,
+                                    Py_ssize_t n_spatial, Py_ssize_t count, double mean,
+                                    double scale, double shift, int relu, int stream,
+                                    double next_shift, double *s, double *q,
+                                    floating *like) noexcept nogil:
+    if floating is float:
+        planar_affine_sums_f32(channel(x, c, like), x.batch_stride, channel(res, c, like),
+                               res.batch_stride, channel(y, c, like), y.batch_stride,
+                               n_spatial, count, mean, scale, shift, relu, stream,
+                               x.channel_stride, next_shift, s, q)
+    else:
+        planar_affine_sums_f64(channel(x, c, like), x.batch_stride, channel(res, c, like),
+                               res.batch_stride, channel(y, c, like), y.batch_stride,
+                               n_spatial, count, mean, scale, shift, relu, stream,
+                               x.channel_stride, next_shift, s, q)
+
+
 cdef inline void planar_grad_input(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
                                    Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t begin,
                                    Py_ssize_t end, double mean, double dy_shift,
@@ -601,6 +663,28 @@ cdef inline void rows_grad_input(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                             <double *>x.data, x.row_stride, <double *>dx.data, dx.row_stride,
                             <double *>g_out.data, g_out.row_stride, n_channels, begin, end,
                             mean, dy_shift, x_coef, scale, block, stream)
+
+
+cdef inline void planar_grad_input_sums(Planar dy, Planar y, Planar x, Planar dx,
+                                        Planar g_out, Py_ssize_t c, Py_ssize_t n_spatial,
+                                        Py_ssize_t count, double mean, double dy_shift,
+                                        double x_coef, double scale, int stream,
+                                        double next_mean, double *sum_dy,
+                                        double *sum_dy_xmu, floating *like) noexcept nogil:
+    if floating is float:
+        planar_grad_input_sums_f32(
+            channel(dy, c, like), dy.batch_stride, channel(y, c, like), y.batch_stride,
+            channel(x, c, like), x.batch_stride, channel(dx, c, like), dx.batch_stride,
+            channel(g_out, c, like), g_out.batch_stride, n_spatial, count, mean, dy_shift,
+            x_coef, scale, stream, dy.channel_stride, y.channel_stride, x.channel_stride,
+            next_mean, sum_dy, sum_dy_xmu)
+    else:
+        planar_grad_input_sums_f64(
+            channel(dy, c, like), dy.batch_stride, channel(y, c, like), y.batch_stride,
+            channel(x, c, like), x.batch_stride, channel(dx, c, like), dx.batch_stride,
+            channel(g_out, c, like), g_out.batch_stride, n_spatial, count, mean, dy_shift,
+            x_coef, scale, stream, dy.channel_stride, y.channel_stride, x.channel_stride,
+            next_mean, sum_dy, sum_dy_xmu)
 
 
 cdef inline void runs_sums(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
@@ -782,19 +866,31 @@ cdef bint any_centred_pass(const double *m2, Py_ssize_t n_channels,
     return False
 
 
-cdef void channel_moments(Planar x, Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
-                          double *mean, double *m2, floating *like) noexcept nogil:
-    """mean and M2 of one planar channel, in one task."""
-    cdef double s = 0.0, q = 0.0
-    cdef double shift = first_shift(channel(x, c, like), count // n_spatial, x.batch_stride,
-                                    n_spatial)
-    planar_sums(x, c, n_spatial, 0, count, shift, &s, &q, like)
+cdef inline double channel_shift(Planar x, Py_ssize_t c, Py_ssize_t n_spatial,
+                                 Py_ssize_t count, floating *like) noexcept nogil:
+    return first_shift(channel(x, c, like), count // n_spatial, x.batch_stride, n_spatial)
+
+
+cdef void finish_channel_moments(Planar x, Py_ssize_t c, Py_ssize_t n_spatial,
+                                 Py_ssize_t count, double shift, double s, double q,
+                                 double *mean, double *m2, floating *like) noexcept nogil:
+    """mean and M2 of planar channel c from its sums s, q about shift, with
+    the centred pass where that needs one."""
     mean[0] = shift + s / count
     if floating is double and needs_centred_pass(s, q, count):
         s = 0.0
         q = 0.0
         planar_sums(x, c, n_spatial, 0, count, mean[0], &s, &q, like)
     m2[0] = centered_m2(s, q, count)
+
+
+cdef void channel_moments(Planar x, Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
+                          double *mean, double *m2, floating *like) noexcept nogil:
+    """mean and M2 of one planar channel, in one task."""
+    cdef double s = 0.0, q = 0.0
+    cdef double shift = channel_shift(x, c, n_spatial, count, like)
+    planar_sums(x, c, n_spatial, 0, count, shift, &s, &q, like)
+    finish_channel_moments(x, c, n_spatial, count, shift, s, q, mean, m2, like)
 
 
 cdef void centred_pass(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
@@ -1121,37 +1217,75 @@ cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch
                              sum_dy_xmu, n_threads, like)
 
 
-cdef inline void train_channel(Planar x, Planar res, Planar y, Py_ssize_t c,
-                               Py_ssize_t n_spatial, Py_ssize_t count, const double *weight,
-                               const double *bias, double eps, double *mean, double *var,
-                               double *invstd, int relu, bint stream,
-                               floating *like) noexcept nogil:
-    """One task of the per-channel path: the statistics of channel c, then
-    its y while its values are in cache."""
-    channel_moments(x, c, n_spatial, count, &mean[c], &var[c], like)
-    invstd[c] = batch_invstd(&var[c], count, eps)
-    planar_affine(x, res, y, c, n_spatial, 0, count, mean[c], weight[c] * invstd[c], bias[c],
-                  relu, stream, like)
+cdef void train_channels(Planar x, Planar res, Planar y, Py_ssize_t first, Py_ssize_t end,
+                         Py_ssize_t n_spatial, Py_ssize_t count, const double *weight,
+                         const double *bias, double eps, double *mean, double *var,
+                         double *invstd, int relu, bint stream, bint overlap,
+                         floating *like) noexcept nogil:
+    """Channels [first, end) of the per-channel path, one after the other:
+    the statistics of a channel, then its y while its values are in cache.
+    With overlap (see overlaps_next), the sums of the next channel run along
+    with the streamed y of this one, run by run, so that reading the next
+    channel from memory overlaps writing this one (the same sums in the same
+    order)."""
+    cdef Py_ssize_t c
+    cdef double shift, s, q
+    if first >= end:
+        return
+    channel_moments(x, first, n_spatial, count, &mean[first], &var[first], like)
+    for c in range(first, end):
+        invstd[c] = batch_invstd(&var[c], count, eps)
+        if not overlap or c + 1 == end:
+            planar_affine(x, res, y, c, n_spatial, 0, count, mean[c], weight[c] * invstd[c],
+                          bias[c], relu, stream, like)
+            if c + 1 < end:
+                channel_moments(x, c + 1, n_spatial, count, &mean[c + 1], &var[c + 1], like)
+            continue
+        shift = channel_shift(x, c + 1, n_spatial, count, like)
+        s = 0.0
+        q = 0.0
+        planar_affine_sums(x, res, y, c, n_spatial, count, mean[c], weight[c] * invstd[c],
+                           bias[c], relu, stream, shift, &s, &q, like)
+        finish_channel_moments(x, c + 1, n_spatial, count, shift, s, q, &mean[c + 1],
+                               &var[c + 1], like)
 
 
-cdef inline void backward_channel(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
-                                  Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize_t count,
-                                  const double *mean, const double *invstd,
-                                  const double *weight, bint training, double *sum_dy,
-                                  double *sum_dy_xmu, bint stream,
-                                  floating *like) noexcept nogil:
-    """One task of the per-channel path: the gradient sums of channel c, then
-    its dx while its dy and x are in cache."""
-    cdef double dy_shift = 0.0, x_coef = 0.0
-    sum_dy[c] = 0.0
-    sum_dy_xmu[c] = 0.0
-    planar_grad_sums(dy, y, x, c, n_spatial, 0, count, mean[c], &sum_dy[c], &sum_dy_xmu[c],
-                     like)
-    if training:
-        training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count, &dy_shift,
-                                   &x_coef)
-    planar_grad_input(dy, y, x, dx, g_out, c, n_spatial, 0, count, mean[c], dy_shift, x_coef,
-                      weight[c] * invstd[c], stream, like)
+cdef void backward_channels(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
+                            Py_ssize_t first, Py_ssize_t end, Py_ssize_t n_spatial,
+                            Py_ssize_t count, const double *mean, const double *invstd,
+                            const double *weight, bint training, double *sum_dy,
+                            double *sum_dy_xmu, bint stream, bint overlap,
+                            floating *like) noexcept nogil:
+    """Channels [first, end) of the per-channel path, as train_channels: the
+    gradient sums of a channel, then its dx while its dy and x are in cache,
+    and with overlap, the next channel's sums along with it."""
+    cdef Py_ssize_t c
+    cdef double dy_shift, x_coef
+    if first >= end:
+        return
+    sum_dy[first] = 0.0
+    sum_dy_xmu[first] = 0.0
+    planar_grad_sums(dy, y, x, first, n_spatial, 0, count, mean[first], &sum_dy[first],
+                     &sum_dy_xmu[first], like)
+    for c in range(first, end):
+        dy_shift = 0.0
+        x_coef = 0.0
+        if training:
+            training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count, &dy_shift,
+                                       &x_coef)
+        if c + 1 < end:
+            sum_dy[c + 1] = 0.0
+            sum_dy_xmu[c + 1] = 0.0
+        if not overlap or c + 1 == end:
+            planar_grad_input(dy, y, x, dx, g_out, c, n_spatial, 0, count, mean[c], dy_shift,
+                              x_coef, weight[c] * invstd[c], stream, like)
+            if c + 1 < end:
+                planar_grad_sums(dy, y, x, c + 1, n_spatial, 0, count, mean[c + 1],
+                                 &sum_dy[c + 1], &sum_dy_xmu[c + 1], like)
+        else:
+            planar_grad_input_sums(dy, y, x, dx, g_out, c, n_spatial, count, mean[c],
+                                   dy_shift, x_coef, weight[c] * invstd[c], stream,
+                                   mean[c + 1], &sum_dy[c + 1], &sum_dy_xmu[c + 1], like)
 
 
 cdef void byte_bounds(cnp.ndarray a, char **low, char **high) noexcept:
@@ -1234,21 +1368,23 @@ def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
     cdef double *mean_p = doubles(mean, n_channels, True)
     cdef double *var_p = doubles(var, n_channels, True)
     cdef double *invstd_p = doubles(invstd, n_channels, True)
-    cdef Py_ssize_t count = n_batch * n_spatial, c
+    cdef Py_ssize_t count = n_batch * n_spatial, t
     cdef int n_threads = threads_for(count * n_channels)
     cdef double *work = NULL
     cdef Py_ssize_t n_arrays = affine_arrays(rv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
+    cdef bint overlap = overlaps_next(stream, count, 1, sizeof(floating))
     if fused_channels(n_channels, n_spatial, count, n_arrays, sizeof(floating)):
         with nogil:
             if n_threads == 1:  # no parallel region: about 1 us less per call
-                for c in range(n_channels):
-                    train_channel(xv, rv, yv, c, n_spatial, count, weight_p, bias_p, eps,
-                                  mean_p, var_p, invstd_p, relu, stream, like)
+                train_channels(xv, rv, yv, 0, n_channels, n_spatial, count, weight_p, bias_p,
+                               eps, mean_p, var_p, invstd_p, relu, stream, overlap, like)
             else:
-                for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    train_channel(xv, rv, yv, c, n_spatial, count, weight_p, bias_p, eps,
-                                  mean_p, var_p, invstd_p, relu, stream, like)
+                for t in prange(n_threads, schedule='static', num_threads=n_threads):
+                    train_channels(xv, rv, yv, part_start(t, n_threads, n_channels),
+                                   part_start(t + 1, n_threads, n_channels), n_spatial, count,
+                                   weight_p, bias_p, eps, mean_p, var_p, invstd_p, relu, stream,
+                                   overlap, like)
         return
     work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + n_channels)
     try:
@@ -1313,11 +1449,13 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
     cdef const double *weight_p = doubles(weight, n_channels, False)
     cdef floating *dweight_p = values(dweight, n_channels, True, like)
     cdef floating *dbias_p = values(dbias, n_channels, True, like)
-    cdef Py_ssize_t count = n_batch * n_spatial, c
+    cdef Py_ssize_t count = n_batch * n_spatial, t
     cdef int n_threads = threads_for(count * n_channels)
     cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
     cdef bint fused = fused_channels(n_channels, n_spatial, count, n_arrays, sizeof(floating))
+    cdef bint overlap = overlaps_next(stream, count, 3 if yv.data != NULL else 2,
+                                      sizeof(floating))
     # sum_dy, sum_dy_xmu, then (not fused) dy_shift, x_coef, scale and partial sums
     cdef double *work = scratch(2 * n_channels if fused else
                                 5 * n_channels + planar_scratch(n_batch, n_channels, n_spatial))
@@ -1327,15 +1465,15 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
     try:
         with nogil:
             if fused and n_threads == 1:  # no parallel region, as in the forward
-                for c in range(n_channels):
-                    backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, mean_p,
-                                     invstd_p, weight_p, training, sum_dy, sum_dy_xmu, stream,
-                                     like)
+                backward_channels(dyv, yv, xv, dxv, gv, 0, n_channels, n_spatial, count,
+                                  mean_p, invstd_p, weight_p, training, sum_dy, sum_dy_xmu,
+                                  stream, overlap, like)
             elif fused:
-                for c in prange(n_channels, schedule='static', num_threads=n_threads):
-                    backward_channel(dyv, yv, xv, dxv, gv, c, n_spatial, count, mean_p,
-                                     invstd_p, weight_p, training, sum_dy, sum_dy_xmu, stream,
-                                     like)
+                for t in prange(n_threads, schedule='static', num_threads=n_threads):
+                    backward_channels(dyv, yv, xv, dxv, gv, part_start(t, n_threads, n_channels),
+                                      part_start(t + 1, n_threads, n_channels), n_spatial,
+                                      count, mean_p, invstd_p, weight_p, training, sum_dy,
+                                      sum_dy_xmu, stream, overlap, like)
             else:
                 planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, n_arrays,
                                      mean_p, coefficients + 3 * n_channels, sum_dy,

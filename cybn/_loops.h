@@ -548,6 +548,94 @@ static CYBN_DISPATCH void cybn_planar_grad_input_##SUFFIX(                      
         stream_fence();                                                               \
 }                                                                                     \
                                                                                       \
+/* y of a channel's flat indices [0, count), as cybn_planar_affine, each run      \
+ * followed by the sums of the same run of the channel `next` values on, as       \
+ * cybn_planar_sums over [0, count) (the same sums in the same order): the next   \
+ * channel's values come in from memory while this one's y goes out. */          \
+CYBN_INLINE void planar_affine_sums_body_##SUFFIX(                                    \
+    const T *x, Py_ssize_t x_stride, const T *res, Py_ssize_t res_stride, T *y,       \
+    Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t count, double mean,         \
+    double scale, double shift, int relu, int stream, Py_ssize_t next,                \
+    double next_shift, double *sum, double *sumsq, const int fused)                   \
+{                                                                                     \
+    cybn_v8d s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};                                  \
+    double ts = 0.0, tq = 0.0;                                                        \
+    CYBN_FOR_RUNS(0, count, n_spatial, n, s, len, {                                   \
+        const T *in = x + n * x_stride + s;                                           \
+        affine_any_##SUFFIX(in, res ? res + n * res_stride + s : in,                  \
+                            y + n * y_stride + s, len, mean, scale, shift, res != NULL, \
+                            relu, stream);                                            \
+        shifted_sums_run_##SUFFIX(in + next, len, next_shift, &s0, &s1, &q0, &q1,     \
+                                  &ts, &tq, fused);                                   \
+    })                                                                                \
+    if (stream)                                                                       \
+        stream_fence();                                                               \
+    s0 += s1;                                                                         \
+    q0 += q1;                                                                         \
+    *sum += lanes_total(&s0) + ts;                                                    \
+    *sumsq += lanes_total(&q0) + tq;                                                  \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_planar_affine_sums_##SUFFIX(                           \
+    const T *x, Py_ssize_t x_stride, const T *res, Py_ssize_t res_stride, T *y,       \
+    Py_ssize_t y_stride, Py_ssize_t n_spatial, Py_ssize_t count, double mean,         \
+    double scale, double shift, int relu, int stream, Py_ssize_t next,                \
+    double next_shift, double *sum, double *sumsq)                                    \
+{                                                                                     \
+    CYBN_FUSED_CASES(T, planar_affine_sums_body_##SUFFIX(                             \
+        x, x_stride, res, res_stride, y, y_stride, n_spatial, count, mean, scale,     \
+        shift, relu, stream, next, next_shift, sum, sumsq, F_));                      \
+}                                                                                     \
+                                                                                      \
+/* dx (and g_out) of a channel's flat indices [0, count), as                      \
+ * cybn_planar_grad_input, each run followed by the gradient sums of the same     \
+ * run of the channel next_dy, next_y and next_x values on, as                    \
+ * cybn_planar_grad_sums over [0, count) (the same sums in the same order). */    \
+CYBN_INLINE void planar_grad_input_sums_body_##SUFFIX(                                \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, T *dx, Py_ssize_t dx_stride, T *g_out, Py_ssize_t g_stride,  \
+    Py_ssize_t n_spatial, Py_ssize_t count, double mean, double dy_shift,             \
+    double x_coef, double scale, int stream, Py_ssize_t next_dy, Py_ssize_t next_y,   \
+    Py_ssize_t next_x, double next_mean, double *sum_dy, double *sum_dy_xmu,          \
+    const int fused)                                                                  \
+{                                                                                     \
+    cybn_v8d s0 = {0}, s1 = {0}, p0 = {0}, p1 = {0};                                  \
+    double ts = 0.0, tp = 0.0;                                                        \
+    CYBN_FOR_RUNS(0, count, n_spatial, n, s, len, {                                   \
+        const T *g = dy + n * dy_stride + s, *v = x + n * x_stride + s;               \
+        const T *m = y ? y + n * y_stride + s : g;                                    \
+        T *out = dx + n * dx_stride + s;                                              \
+        grad_input_any_##SUFFIX(g, m, v, out, g_out ? g_out + n * g_stride + s : out, \
+                                len, mean, dy_shift, x_coef, scale, y != NULL,        \
+                                g_out != NULL, stream);                               \
+        if (y)                                                                        \
+            grad_sums_run_##SUFFIX(g + next_dy, m + next_y, v + next_x, len,          \
+                                   next_mean, &s0, &s1, &p0, &p1, &ts, &tp, 1, fused);\
+        else                                                                          \
+            grad_sums_run_##SUFFIX(g + next_dy, g + next_dy, v + next_x, len,         \
+                                   next_mean, &s0, &s1, &p0, &p1, &ts, &tp, 0, fused);\
+    })                                                                                \
+    if (stream)                                                                       \
+        stream_fence();                                                               \
+    s0 += s1;                                                                         \
+    p0 += p1;                                                                         \
+    *sum_dy += lanes_total(&s0) + ts;                                                 \
+    *sum_dy_xmu += lanes_total(&p0) + tp;                                             \
+}                                                                                     \
+                                                                                      \
+static CYBN_DISPATCH void cybn_planar_grad_input_sums_##SUFFIX(                       \
+    const T *dy, Py_ssize_t dy_stride, const T *y, Py_ssize_t y_stride, const T *x,   \
+    Py_ssize_t x_stride, T *dx, Py_ssize_t dx_stride, T *g_out, Py_ssize_t g_stride,  \
+    Py_ssize_t n_spatial, Py_ssize_t count, double mean, double dy_shift,             \
+    double x_coef, double scale, int stream, Py_ssize_t next_dy, Py_ssize_t next_y,   \
+    Py_ssize_t next_x, double next_mean, double *sum_dy, double *sum_dy_xmu)          \
+{                                                                                     \
+    CYBN_FUSED_CASES(T, planar_grad_input_sums_body_##SUFFIX(                         \
+        dy, dy_stride, y, y_stride, x, x_stride, dx, dx_stride, g_out, g_stride,      \
+        n_spatial, count, mean, dy_shift, x_coef, scale, stream, next_dy, next_y,     \
+        next_x, next_mean, sum_dy, sum_dy_xmu, F_));                                  \
+}                                                                                     \
+                                                                                      \
 /* ---- planar in memory order: whole runs [run_begin, run_end), for short       \
  * runs (small H x W), where walking a channel's runs apart would defeat the     \
  * hardware prefetcher.  Sums go to per-channel arrays, each run's sum added     \

@@ -7,6 +7,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import cybn
+from cybn import _kernels
 from conftest import random_batch
 
 # Big enough to run in parallel (the kernels stay serial below 2**17 values),
@@ -48,6 +49,26 @@ def test_results_are_bitwise_identical_for_any_thread_count(shape, dtype):
         with threadpool_limits(n, user_api="openmp"):
             assert cybn.max_threads() == n
             results[n] = _all_results(x, dy)
+    for n, values in results.items():
+        for i, (a, b) in enumerate(zip(values, results[1])):
+            assert a.tobytes() == b.tobytes(), f"result {i} differs with {n} threads"
+
+
+@pytest.mark.parametrize("shape", [(8, 80, 40, 40), (3, 67, 48, 48)], ids=str)
+def test_streamed_per_channel_path_is_bitwise_identical_for_any_thread_count(shape, dtype):
+    """With every output streamed, the per-channel path reads each thread's
+    next channel along with the current one's output (overlaps_next): its
+    channels split among threads differently for each count."""
+    x = random_batch(shape, dtype, seed=3, offset=-2)
+    dy = random_batch(shape, dtype, seed=4)
+    old = _kernels.set_stream_above(0)
+    try:
+        results = {}
+        for n in (1, 2, 3, 4, 7):
+            with threadpool_limits(n, user_api="openmp"):
+                results[n] = _all_results(x, dy)
+    finally:
+        _kernels.set_stream_above(old)
     for n, values in results.items():
         for i, (a, b) in enumerate(zip(values, results[1])):
             assert a.tobytes() == b.tobytes(), f"result {i} differs with {n} threads"
