@@ -209,11 +209,11 @@ cdef Py_ssize_t PREFETCH_RUNS = 2
 # Element-wise passes in memory order take chunks of about this many values.
 cdef Py_ssize_t CHUNK_VALUES = 1 << 14
 # The rows sums cut the data into at most ROWS_TASKS tasks: ranges of at least
-# ROWS_MIN rows, each keeping 2 x C partial sums, and when there are fewer ranges than
-# that, blocks of at least CHANNELS_MIN channels within each range.  Few, long
-# ranges keep the partial sums small next to the data: (256, 512) takes 4
-# ranges of 4 blocks, not 16 ranges of 16 rows (whose sums were a quarter of
-# the data's size and took as long as the data to add up).
+# ROWS_MIN rows, each keeping 2 x C partial sums, and when there are fewer
+# ranges than that, blocks of at least CHANNELS_MIN channels within each range.
+# Few, long ranges keep the partial sums small next to the data: (256, 512)
+# takes 4 ranges of 4 blocks, not 16 ranges of 16 rows (whose sums were a
+# quarter of the data's size and took as long as the data to add up).
 cdef Py_ssize_t ROWS_TASKS = 16
 cdef Py_ssize_t ROWS_MIN = 64
 cdef Py_ssize_t CHANNELS_MIN = 64
@@ -352,11 +352,11 @@ cdef inline bint overlaps_next(bint stream, Py_ssize_t count, Py_ssize_t n_input
     """Whether the per-channel path runs the sums of the next channel along
     with the streamed output of this one (see train_channels), for channels of
     count values in n_inputs arrays.  Measured against one after the other
-    (interleaved, 2 threads): training forward 1.02-1.32x and backward
-    1.06-1.25x at the ResNet shapes with channels of up to 800 KB; with
-    channels of 3.2 to 6.4 MB (float64 32x64x112x112), which the second pass
-    cannot find in the cache anyway, the backward lost 0.89x.  No value
-    depends on it."""
+    (interleaved, 2 threads) at the ResNet shapes with channels of up to
+    800 KB: training forward 1.0-1.32x, backward 1.04-1.30x but for float64
+    32x128x28x28 (0.92-0.99x); with channels of 3.2 to 6.4 MB (float64
+    32x64x112x112), which the second pass cannot find in the cache anyway,
+    the backward lost 0.89x.  No value depends on it."""
     return stream and count * n_inputs * itemsize <= OVERLAP_CHANNEL_BYTES
 
 
@@ -1129,7 +1129,7 @@ cdef inline RowsWrite rows_write(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channel
                                  Py_ssize_t itemsize) noexcept nogil:
     """The element-wise passes split the rows alone, whatever the sums did
     (no value depends on the split): a range of whole rows is one stretch of
-    memory.  Measured against the sums' split into channel blocks: 1.07-1.18x
+    memory.  Measured against the sums' split into channel blocks: 1.07-1.31x
     at (64, 2048) and (256, 512), float32, 2 threads; the same elsewhere."""
     cdef RowsWrite w
     w.n_parts = max(1, min(ROWS_TASKS, n_rows // WRITE_ROWS_MIN))

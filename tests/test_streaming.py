@@ -132,3 +132,27 @@ def test_calls_big_enough_to_stream_match_the_reference(shape, axis):
     assert_close(to_axis1(dx), dx_ref, np.float32, "dx")
     assert_close(dw, dw_ref, np.float32, "dweight")
     assert_close(db, db_ref, np.float32, "dbias")
+
+
+@pytest.mark.parametrize("shape", [(3, 67, 48, 48), (2, 70, 17, 19)], ids=str)
+def test_streamed_calls_in_place_match_those_into_new_arrays(shape, dtype, always_stream):
+    """In place, the per-channel path writes each channel over its input while
+    it reads the next channel (overlaps_next)."""
+    x = random_batch(shape, dtype, seed=8, offset=1.0)
+    dy = random_batch(shape, dtype, seed=9)
+    c = x.shape[1]
+    w = np.linspace(0.5, 1.5, c)
+    b = np.linspace(-1, 1, c)
+    y, mean, invstd = cybn.forward_train(x, w, b)
+    x_in = x.copy()
+    y_in, mean_in, invstd_in = cybn.forward_train(x_in, w, b, out=x_in)
+    assert y_in is x_in
+    for name, a, a_in in (("y", y, y_in), ("mean", mean, mean_in), ("invstd", invstd, invstd_in)):
+        assert a.tobytes() == a_in.tobytes(), f"{name} differs in place"
+    dx, dw, db = cybn.backward(dy, x, mean, invstd, w)
+    for name, target in (("dy", dy.copy()), ("x", x.copy())):
+        args = (target, x) if name == "dy" else (dy, target)
+        dx_in, dw_in, db_in = cybn.backward(*args, mean, invstd, w, out=target)
+        assert dx_in is target
+        for what, a, a_in in (("dx", dx, dx_in), ("dweight", dw, dw_in), ("dbias", db, db_in)):
+            assert a.tobytes() == a_in.tobytes(), f"{what} differs with out={name}"
