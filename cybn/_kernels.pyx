@@ -45,6 +45,10 @@ cdef extern from "_loops.h" nogil:
     void batch_scales "cybn_batch_scales"(
         Py_ssize_t n_channels, Py_ssize_t count, double eps, const double *weight,
         double *var, double *invstd, double *scale)
+    void grad_coefficients "cybn_grad_coefficients"(
+        Py_ssize_t n_channels, Py_ssize_t count, int training, const double *sum_dy,
+        const double *sum_dy_xmu, const double *invstd, const double *weight,
+        double *dy_shift, double *x_coef, double *scale)
     int CYBN_ROWS_BLOCK
     int CYBN_WRITE_BLOCK
     void planar_sums_f32 "cybn_planar_sums_f32"(
@@ -1090,29 +1094,6 @@ cdef void runs_grad_input_all(Planar dy, Planar y, Planar x, Planar dx, Planar g
                         like)
 
 
-cdef inline void training_grad_coefficients(double sum_dy, double sum_dy_xmu,
-                                            double invstd, double count,
-                                            double *dy_shift, double *x_coef) noexcept nogil:
-    """dx = w*invstd*(dy - dbias/m - xhat*dweight/m)
-          = w*invstd*((dy - dy_shift) - (x - mean)*x_coef)."""
-    dy_shift[0] = sum_dy / count
-    x_coef[0] = invstd * invstd * sum_dy_xmu / count
-
-
-cdef void grad_coefficients(Py_ssize_t n_channels, Py_ssize_t count, bint training,
-                            const double *sum_dy, const double *sum_dy_xmu,
-                            const double *invstd, const double *weight, double *dy_shift,
-                            double *x_coef, double *scale) noexcept nogil:
-    cdef Py_ssize_t c
-    for c in range(n_channels):
-        dy_shift[c] = 0.0
-        x_coef[c] = 0.0
-        if training:
-            training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count,
-                                       &dy_shift[c], &x_coef[c])
-        scale[c] = weight[c] * invstd[c]
-
-
 # ---------------------------------------------------------------------------
 # Element-wise passes over all tasks.
 
@@ -1259,7 +1240,7 @@ cdef void backward_channels(Planar dy, Planar y, Planar x, Planar dx, Planar g_o
     gradient sums of a channel, then its dx while its dy and x are in cache,
     and with overlap, the next channel's sums along with it."""
     cdef Py_ssize_t c
-    cdef double dy_shift, x_coef
+    cdef double dy_shift, x_coef, scale
     if first >= end:
         return
     sum_dy[first] = 0.0
@@ -1267,23 +1248,20 @@ cdef void backward_channels(Planar dy, Planar y, Planar x, Planar dx, Planar g_o
     planar_grad_sums(dy, y, x, first, n_spatial, 0, count, mean[first], &sum_dy[first],
                      &sum_dy_xmu[first], like)
     for c in range(first, end):
-        dy_shift = 0.0
-        x_coef = 0.0
-        if training:
-            training_grad_coefficients(sum_dy[c], sum_dy_xmu[c], invstd[c], count, &dy_shift,
-                                       &x_coef)
+        grad_coefficients(1, count, training, &sum_dy[c], &sum_dy_xmu[c], &invstd[c],
+                          &weight[c], &dy_shift, &x_coef, &scale)
         if c + 1 < end:
             sum_dy[c + 1] = 0.0
             sum_dy_xmu[c + 1] = 0.0
         if not overlap or c + 1 == end:
             planar_grad_input(dy, y, x, dx, g_out, c, n_spatial, 0, count, mean[c], dy_shift,
-                              x_coef, weight[c] * invstd[c], stream, like)
+                              x_coef, scale, stream, like)
             if c + 1 < end:
                 planar_grad_sums(dy, y, x, c + 1, n_spatial, 0, count, mean[c + 1],
                                  &sum_dy[c + 1], &sum_dy_xmu[c + 1], like)
         else:
             planar_grad_input_sums(dy, y, x, dx, g_out, c, n_spatial, count, mean[c],
-                                   dy_shift, x_coef, weight[c] * invstd[c], stream,
+                                   dy_shift, x_coef, scale, stream,
                                    mean[c + 1], &sum_dy[c + 1], &sum_dy_xmu[c + 1], like)
 
 

@@ -952,6 +952,26 @@ static CYBN_DISPATCH void cybn_batch_scales(Py_ssize_t n, Py_ssize_t count, doub
     }
 }
 
+/* The coefficients of dx = ((g - dy_shift) - (x - mean) * x_coef) * scale per
+ * channel, from the gradient sums over count values:
+ * dx = w*invstd*(dy - dbias/m - xhat*dweight/m), so that in training
+ * dy_shift = sum_dy/m and x_coef = invstd^2 * sum_dy_xmu/m (0 otherwise), and
+ * scale = weight * invstd. */
+static CYBN_DISPATCH void cybn_grad_coefficients(
+    Py_ssize_t n, Py_ssize_t count, int training, const double *restrict sum_dy,
+    const double *restrict sum_dy_xmu, const double *restrict invstd,
+    const double *restrict weight, double *restrict dy_shift, double *restrict x_coef,
+    double *restrict scale)
+{
+    const double m = (double)count;
+    CYBN_PRAGMA(omp simd)
+    for (Py_ssize_t c = 0; c < n; c++) {
+        dy_shift[c] = training ? sum_dy[c] / m : 0.0;
+        x_coef[c] = training ? invstd[c] * invstd[c] * sum_dy_xmu[c] / m : 0.0;
+        scale[c] = weight[c] * invstd[c];
+    }
+}
+
 /* a[c] <- a[c] / sqrt(v[c] + eps): the scales of evaluation. */
 static CYBN_DISPATCH void cybn_divide_by_sqrt(double *restrict a, const double *restrict v,
                                               double eps, Py_ssize_t n)
