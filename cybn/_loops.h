@@ -201,6 +201,18 @@ CYBN_INLINE double lanes_total(const cybn_v8d *v) /* a pointer: no vector ABI */
            + (((*v)[4] + (*v)[5]) + ((*v)[6] + (*v)[7]));
 }
 
+/* Add to *a and *b the two sums a run-by-run loop kept: 16 lanes each in
+ * a0|a1 and b0|b1, and the values past the last full 16 in ta and tb, in a
+ * fixed order. */
+CYBN_INLINE void add_sums(double *a, double *b, cybn_v8d a0, cybn_v8d a1, double ta,
+                          cybn_v8d b0, cybn_v8d b1, double tb)
+{
+    a0 += a1;
+    b0 += b1;
+    *a += lanes_total(&a0) + ta;
+    *b += lanes_total(&b0) + tb;
+}
+
 /* Ask for a run of bytes from p into the cache ahead of its use.  The
  * per-channel sums do it `ahead` runs early where the caller says so (short
  * runs): the runs of a channel are far apart, each too short for the hardware
@@ -356,10 +368,7 @@ CYBN_INLINE void planar_sums_body_##SUFFIX(                                     
         shifted_sums_run_##SUFFIX(x + n * batch_stride + s, len, shift, &s0, &s1, &q0,\
                                   &q1, &ts, &tq, fused);                              \
     })                                                                                \
-    s0 += s1;                                                                         \
-    q0 += q1;                                                                         \
-    *sum += lanes_total(&s0) + ts;                                                    \
-    *sumsq += lanes_total(&q0) + tq;                                                  \
+    add_sums(sum, sumsq, s0, s1, ts, q0, q1, tq);                                     \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_planar_sums_##SUFFIX(                                  \
@@ -395,10 +404,7 @@ CYBN_INLINE void planar_grad_sums_body_##SUFFIX(                                
             grad_sums_run_##SUFFIX(g, g, v, len, mean, &s0, &s1, &p0, &p1, &ts, &tp,  \
                                    0, fused);                                         \
     })                                                                                \
-    s0 += s1;                                                                         \
-    p0 += p1;                                                                         \
-    *sum_dy += lanes_total(&s0) + ts;                                                 \
-    *sum_dy_xmu += lanes_total(&p0) + tp;                                             \
+    add_sums(sum_dy, sum_dy_xmu, s0, s1, ts, p0, p1, tp);                             \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_planar_grad_sums_##SUFFIX(                             \
@@ -570,10 +576,7 @@ CYBN_INLINE void planar_affine_sums_body_##SUFFIX(                              
     })                                                                                \
     if (stream)                                                                       \
         stream_fence();                                                               \
-    s0 += s1;                                                                         \
-    q0 += q1;                                                                         \
-    *sum += lanes_total(&s0) + ts;                                                    \
-    *sumsq += lanes_total(&q0) + tq;                                                  \
+    add_sums(sum, sumsq, s0, s1, ts, q0, q1, tq);                                     \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_planar_affine_sums_##SUFFIX(                           \
@@ -617,10 +620,7 @@ CYBN_INLINE void planar_grad_input_sums_body_##SUFFIX(                          
     })                                                                                \
     if (stream)                                                                       \
         stream_fence();                                                               \
-    s0 += s1;                                                                         \
-    p0 += p1;                                                                         \
-    *sum_dy += lanes_total(&s0) + ts;                                                 \
-    *sum_dy_xmu += lanes_total(&p0) + tp;                                             \
+    add_sums(sum_dy, sum_dy_xmu, s0, s1, ts, p0, p1, tp);                             \
 }                                                                                     \
                                                                                       \
 static CYBN_DISPATCH void cybn_planar_grad_input_sums_##SUFFIX(                       \
@@ -651,10 +651,7 @@ CYBN_INLINE void runs_sums_body_##SUFFIX(                                       
         double ts = 0.0, tq = 0.0;                                                    \
         shifted_sums_run_##SUFFIX(CYBN_AT(T, x, n, c), n_spatial, shift[c], &s0, &s1, \
                                   &q0, &q1, &ts, &tq, fused);                         \
-        s0 += s1;                                                                     \
-        q0 += q1;                                                                     \
-        sum[c] += lanes_total(&s0) + ts;                                              \
-        sumsq[c] += lanes_total(&q0) + tq;                                            \
+        add_sums(&sum[c], &sumsq[c], s0, s1, ts, q0, q1, tq);                         \
     })                                                                                \
 }                                                                                     \
                                                                                       \
@@ -683,10 +680,7 @@ CYBN_INLINE void runs_grad_sums_body_##SUFFIX(                                  
         else                                                                          \
             grad_sums_run_##SUFFIX(g, g, v, n_spatial, mean[c], &s0, &s1, &p0, &p1,   \
                                    &ts, &tp, 0, fused);                               \
-        s0 += s1;                                                                     \
-        p0 += p1;                                                                     \
-        sum_dy[c] += lanes_total(&s0) + ts;                                           \
-        sum_dy_xmu[c] += lanes_total(&p0) + tp;                                       \
+        add_sums(&sum_dy[c], &sum_dy_xmu[c], s0, s1, ts, p0, p1, tp);                 \
     })                                                                                \
 }                                                                                     \
                                                                                       \
