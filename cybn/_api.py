@@ -43,31 +43,42 @@ _KERNELS = {
 # ---------------------------------------------------------------------------
 # Checks.  Each names the argument and says what was expected.
 
+def _plain(a):
+    """a as a plain ndarray view (same memory): subclasses such as np.memmap
+    are computed on as the arrays they hold."""
+    return a if type(a) is np.ndarray else a.view(np.ndarray)
+
+
 def _check_data(a, name):
-    """An (N, C, *spatial) float32/float64 ndarray."""
-    if not isinstance(a, np.ndarray) or isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name} must be a NumPy ndarray, got {type(a).__name__}")
+    """An (N, C, *spatial) float32/float64 ndarray; returns it as a plain ndarray."""
+    if not isinstance(a, np.ndarray) or isinstance(a, (np.ma.MaskedArray, np.matrix)):
+        what = type(a).__name__
+        raise TypeError(f"{name} must be a NumPy ndarray, got {what}" + (
+            " (use np.asarray)" if isinstance(a, np.matrix) else ""))
     if a.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
     if not 2 <= a.ndim <= 5:
         raise ValueError(
             f"{name} must have 2 to 5 dimensions, (N, C), (N, C, L), (N, C, H, W) or "
             f"(N, C, D, H, W); got shape {a.shape}")
+    return _plain(a)
 
 
 def _check_same(a, name, x):
-    """a is data of x's dtype and shape (dy next to x)."""
-    _check_data(a, name)
+    """a is data of x's dtype and shape (dy next to x); returns it as a plain ndarray."""
+    a = _check_data(a, name)
     if a.dtype != x.dtype:
         raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
     if a.shape != x.shape:
         raise ValueError(f"{name} must have the shape of x {x.shape}, got {a.shape}")
+    return a
 
 
 def _check_out(out, x, name="out"):
+    """None, or a writeable array of x's dtype and shape, returned as a plain ndarray."""
     if out is None:
-        return
-    if not isinstance(out, np.ndarray):
+        return None
+    if not isinstance(out, np.ndarray) or isinstance(out, (np.ma.MaskedArray, np.matrix)):
         raise TypeError(f"{name} must be a NumPy ndarray or None, got {type(out).__name__}")
     if out.dtype != x.dtype:
         raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {out.dtype}")
@@ -75,6 +86,7 @@ def _check_out(out, x, name="out"):
         raise ValueError(f"{name} must have the shape of x {x.shape}, got {out.shape}")
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writeable")
+    return _plain(out)
 
 
 def _vector(v, n_channels, name, default=None):
@@ -101,7 +113,8 @@ def _vector(v, n_channels, name, default=None):
 
 
 def _check_running(running_mean, running_var, x, n_channels):
-    """The running statistics forward_train updates in place."""
+    """The running statistics forward_train updates in place (any strides and
+    alignment: _update_running goes through aligned copies where needed)."""
     if (running_mean is None) != (running_var is None):
         given, missing = (("running_mean", "running_var") if running_var is None
                           else ("running_var", "running_mean"))
@@ -109,7 +122,7 @@ def _check_running(running_mean, running_var, x, n_channels):
     if running_mean is None:
         return
     for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-        if not isinstance(a, np.ndarray):
+        if not isinstance(a, np.ndarray) or isinstance(a, (np.ma.MaskedArray, np.matrix)):
             raise TypeError(f"{name} must be a NumPy ndarray, got {type(a).__name__}")
         if a.dtype != x.dtype:
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {a.dtype}")
@@ -117,8 +130,6 @@ def _check_running(running_mean, running_var, x, n_channels):
             raise ValueError(
                 f"{name} must have shape ({n_channels},), one value per channel of x, "
                 f"got shape {a.shape}")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (it is updated in place)")
         if not a.flags.writeable:
             raise ValueError(f"{name} must be writeable (it is updated in place)")
     if np.may_share_memory(running_mean, running_var):
@@ -134,9 +145,8 @@ def _check_not_overlapping(out, others, name="out"):
 
 
 def _check_optional(a, name, x):
-    """An optional operand of x's dtype and shape (residual, y)."""
-    if a is not None:
-        _check_same(a, name, x)
+    """An optional operand of x's dtype and shape (residual, y), as a plain ndarray."""
+    return None if a is None else _check_same(a, name, x)
 
 
 def _axis(axis, ndim):
@@ -293,9 +303,13 @@ def _plan(inputs, outputs):
         if all(v is not None for v, a in zip(views, inputs) if a is not None):
             break
     else:
-        inputs = [None if a is None else np.ascontiguousarray(a) for a in inputs]
         layout = _preferred_layouts(x)[0]
+        # A copy for each input the kernels cannot read as it is; np.array,
+        # not np.ascontiguousarray, which returns a misaligned C-order array
+        # as it is.
         views = [None if a is None else _kernel_view(a, layout) for a in inputs]
+        views = [_kernel_view(np.array(a, order="C"), layout) if v is None and a is not None
+                 else v for v, a in zip(views, inputs)]
     present = [v for v in views if v is not None]
 
     out_views, results, copies = [], [], []
@@ -323,6 +337,11 @@ def _plan(inputs, outputs):
         for target, result in copies:
             np.copyto(target, result)
 
+    # The invariant of the dispatch: every operand that reaches a kernel is
+    # a view it can take (aligned, native, unit-stride runs).
+    assert all(v is not None for v, a in zip(views, inputs) if a is not None), layout
+    assert all(v is not None for v, (t, allocate) in zip(out_views, outputs)
+               if t is not None or allocate), layout
     return layout, views, out_views, results, finish
 
 
@@ -335,7 +354,7 @@ def _empty_result(x, out):
 
 def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None,
                   *, momentum=0.1, eps=1e-5, out=None, axis=1, residual=None,
-                  activation=None):
+                  activation=None, stats_dtype=None):
     """Batch normalization in training mode.
 
     Normalizes each channel of x (channels on `axis`, 1 by default: (N, C,
@@ -351,65 +370,175 @@ def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None
     y = relu(bn(x) + residual).
 
     Returns (y, mean, invstd): y has x's shape (written to `out` when given;
-    out=x works), mean and invstd = 1/sqrt(var + eps) are (C,) arrays of x's
-    dtype, the values `backward` needs.
+    out=x works), mean and invstd = 1/sqrt(var + eps) are (C,) arrays of
+    `stats_dtype`: x's dtype by default, as PyTorch returns them;
+    stats_dtype=np.float64 keeps the statistics as they were computed, which
+    `backward` then uses at full precision (it matters for float32 data whose
+    mean is large against its standard deviation).
     """
-    y, mean, invstd, _ = _forward_train(x, weight, bias, running_mean, running_var,
-                                        momentum, eps, out, axis, residual, activation)
+    x, axis, weight, bias, eps, relu, residual, plain_out, count = _train_arguments(
+        x, weight, bias, eps, axis, residual, activation, out)
+    stats_dtype = _stats_dtype(stats_dtype, x)
+    momentum = _momentum(momentum)
+    _check_running(running_mean, running_var, x, x.shape[axis])
+    _check_not_overlapping(plain_out, (("running_mean", running_mean),
+                                       ("running_var", running_var)))
+    y, mean, var, invstd = _train(x, weight, bias, eps, plain_out, axis, residual, relu, count)
+    if running_mean is not None and count:
+        if not _update_running(running_mean, running_var, mean, var, count, momentum):
+            _warn_not_finite()
+    y = out if out is not None else y
+    if stats_dtype == np.float64:
+        return y, mean, invstd
     if eps >= 1e-76:  # then invstd <= 1e38: within float32's range
-        return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+        return y, mean.astype(stats_dtype), invstd.astype(stats_dtype)
     with np.errstate(over="ignore"):  # IEEE: an invstd beyond float32's range is inf
-        return y, mean.astype(x.dtype), invstd.astype(x.dtype)
+        return y, mean.astype(stats_dtype), invstd.astype(stats_dtype)
 
 
-def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, out,
-                   axis=1, residual=None, activation=None):
-    """forward_train with float64 statistics, also telling whether the running
-    statistics were updated."""
-    _check_data(x, "x")
+def _stats_dtype(stats_dtype, x):
+    if stats_dtype is None:
+        return x.dtype
+    try:
+        dtype = np.dtype(stats_dtype)
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype not in _FLOAT_DTYPES:  # (np.dtype(None) is float64)
+        raise TypeError(f"stats_dtype must be None, np.float32 or np.float64, "
+                        f"got {stats_dtype!r}")
+    return dtype
+
+
+def _train_arguments(x, weight, bias, eps, axis, residual, activation, out):
+    """The checks of a training forward (running statistics aside): returns
+    (x, axis, weight, bias, eps, relu, residual, out, values per channel),
+    arrays as plain ndarrays and parameters as float64 copies."""
+    x = _check_data(x, "x")
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
     weight = _vector(weight, n_channels, "weight", default=1.0)
     bias = _vector(bias, n_channels, "bias", default=0.0)
-    momentum = _momentum(momentum)
     eps = _eps(eps)
     relu = _activation(activation)
-    _check_running(running_mean, running_var, x, n_channels)
-    _check_optional(residual, "residual", x)
-    _check_out(out, x)
-    _check_not_overlapping(out, (("running_mean", running_mean), ("running_var", running_var)))
+    residual = _check_optional(residual, "residual", x)
+    out = _check_out(out, x)
     count = _values_per_channel(x, axis)
     if count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    return x, axis, weight, bias, eps, relu, residual, out, count
+
+
+def _train(x, weight, bias, eps, out, axis, residual, relu, count):
+    """The training forward of checked arguments: (y, mean, var, invstd), the
+    statistics in float64; y is `out` (a plain ndarray) when given."""
+    n_channels = x.shape[axis]
     if count == 0:
         undefined = np.full(n_channels, np.nan)  # statistics of no values
-        return _empty_result(x, out), undefined, undefined.copy(), False
-
+        return _empty_result(x, out), undefined, undefined.copy(), undefined.copy()
+    # _rescue needs x as it was, so a float64 output that overlaps an input
+    # is written through a new array.
+    target = out
+    if out is not None and x.dtype == np.float64 and any(
+            a is not None and _kernels.may_overlap(out, a) for a in (x, residual)):
+        target = None
     layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
-        [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
+        [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(target, axis), True)])
     mean = np.empty(n_channels)
     var = np.empty(n_channels)
     invstd = np.empty(n_channels)
     _KERNELS["forward_train_" + layout][x.dtype](x_view, y_view, weight, bias, eps, mean, var,
                                                   invstd, residual_view, relu)
     finish()
-    updated = (running_mean is not None
-               and _update_running(running_mean, running_var, mean, var, count, momentum))
-    return _result(out, y, axis), mean, invstd, updated
+    y = _result(target, y, axis)
+    if x.dtype == np.float64 and not np.isfinite(np.sum(var) + np.sum(mean)):
+        if _rescue(x, axis, count, eps, mean, var, invstd):
+            y = _affine(x, mean, weight * invstd, bias, target, axis, residual, relu)
+    if target is not out:
+        np.copyto(out, y)
+        y = out
+    return y, mean, var, invstd
+
+
+def _power_of_two_scales(values):
+    """2**-e with values * 2**-e in [0.5, 1): exact scalings; 1 for 0, Inf and NaN."""
+    return np.ldexp(1.0, -np.frexp(values)[1])
+
+
+def _rescue(x, axis, count, eps, mean, var, invstd):
+    """The statistics of float64 channels whose finite values spread beyond
+    about 1e154, where the sum of squares overflowed: again on the channel
+    scaled by a power of two, as hypot does.  x-hat does not depend on the
+    scale, so mean and invstd come out right; var itself is then beyond
+    float64's range (Inf).  Channels holding Inf or NaN keep their NaN
+    statistics.  Returns whether any channel was recomputed."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+        x1 = np.moveaxis(x, axis, 1)[:, bad]
+        largest = np.max(np.abs(x1), axis=(0, *range(2, x.ndim)), initial=0.0)
+    finite = np.isfinite(largest)
+    if not finite.any():
+        return False
+    bad, x1 = bad[finite], x1[:, finite]
+    scale = _power_of_two_scales(largest[finite])
+    _, scaled_mean, scaled_m2 = batch_moments(x1 * scale.reshape((-1,) + (1,) * (x.ndim - 2)))
+    scaled_var = scaled_m2 / count
+    mean[bad] = scaled_mean / scale
+    with np.errstate(over="ignore"):  # scale * scale may underflow to 0
+        var[bad] = scaled_var / scale / scale
+    invstd[bad] = scale / np.sqrt(scaled_var + eps * scale * scale)
+    return True
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
-    if _KERNELS["update_running"][running_mean.dtype](running_mean, running_var, mean, var,
-                                                      count, momentum):
-        return True
+    """Update the running statistics in place; False, changing nothing, when a
+    batch statistic is not finite in their dtype.  They may have any strides
+    and alignment: the kernel then works on aligned copies."""
+    kernel = _KERNELS["update_running"][running_mean.dtype]
+    mean_flags, var_flags = running_mean.flags, running_var.flags
+    if (mean_flags.c_contiguous and mean_flags.aligned and var_flags.c_contiguous
+            and var_flags.aligned):
+        return kernel(running_mean, running_var, mean, var, count, momentum)
+    new_mean, new_var = np.array(running_mean), np.array(running_var)
+    if not kernel(new_mean, new_var, mean, var, count, momentum):
+        return False
+    running_mean[...] = new_mean
+    running_var[...] = new_var
+    return True
+
+
+def _warn_not_finite():
     # A single batch with an Inf or NaN (or values whose variance overflows
     # the dtype) would otherwise poison the running statistics for good.
     warnings.warn(
         "cybn: the batch statistics are not finite (NaN or Inf in x, or a variance "
         "beyond the dtype's range); running_mean and running_var were left unchanged",
         RuntimeWarning, stacklevel=_outside_stacklevel())
-    return False
+
+
+def _commit_training_step(layer, mean, var, count, saved):
+    """The state change of a layer's training forward: running statistics,
+    num_batches_tracked and the saved forward.  This module is compiled, so
+    no bytecode runs in here and a KeyboardInterrupt (or any other signal
+    handler's exception) lands before or after the whole step, never inside
+    it.  Returns whether the running statistics were updated."""
+    updated = False
+    if layer.track_running_stats and count:
+        momentum = layer.momentum
+        if momentum is None:
+            momentum = 1.0 / (layer.num_batches_tracked + 1)  # cumulative average
+        updated = _update_running(layer.running_mean, layer.running_var, mean, var, count,
+                                  momentum)
+        if updated:
+            layer.num_batches_tracked += 1
+    layer._local.saved = saved
+    return updated
+
+
+def _assign(target, **attributes):
+    """setattr for each attribute, as one step (compiled: see _commit_training_step)."""
+    for name, value in attributes.items():
+        setattr(target, name, value)
 
 
 def _outside_stacklevel():
@@ -429,11 +558,13 @@ def forward_eval(x, running_mean, running_var, weight=None, bias=None, *, eps=1e
     """Batch normalization in evaluation mode: y = (x - running_mean) /
     sqrt(running_var + eps) * weight + bias per channel, then `residual`
     added and activation="relu" applied when given.  Returns y."""
-    axis, (mean, var, weight, bias), relu = _affine_arguments(
+    x, axis, (mean, var, weight, bias), relu, residual, plain_out = _affine_arguments(
         x, axis, (("running_mean", running_mean, None), ("running_var", running_var, None),
                   ("weight", weight, 1.0), ("bias", bias, 0.0)), residual, activation, out)
-    _kernels.divide_by_sqrt(weight, var, _eps(eps))  # weight is a fresh copy
-    return _affine(x, mean, weight, bias, out, axis, residual, relu)
+    eps = _eps(eps)
+    if x.shape[axis]:
+        _kernels.divide_by_sqrt(weight, var, eps)  # weight is a fresh copy
+    return _affine(x, mean, weight, bias, plain_out, axis, residual, relu, out)
 
 
 def normalize(x, mean, invstd, weight=None, bias=None, *, out=None, axis=1, residual=None,
@@ -441,48 +572,59 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, out=None, axis=1, resi
     """y = (x - mean) * invstd * weight + bias with given per-channel statistics
     (for instance statistics combined across processes), then `residual` and
     activation="relu" as in forward_train.  Returns y."""
-    axis, (mean, invstd, weight, bias), relu = _affine_arguments(
+    x, axis, (mean, invstd, weight, bias), relu, residual, plain_out = _affine_arguments(
         x, axis, (("mean", mean, None), ("invstd", invstd, None), ("weight", weight, 1.0),
                   ("bias", bias, 0.0)), residual, activation, out)
-    return _affine(x, mean, weight * invstd, bias, out, axis, residual, relu)
+    return _affine(x, mean, weight * invstd, bias, plain_out, axis, residual, relu, out)
 
 
 def _affine_arguments(x, axis, vectors, residual, activation, out):
-    """The checks of the element-wise functions: (axis, the per-channel
-    vectors as float64, relu) from (name, value, default) triples."""
-    _check_data(x, "x")
+    """The checks of the element-wise functions: (x, axis, the per-channel
+    vectors as float64, relu, residual, out) from (name, value, default)
+    triples, arrays as plain ndarrays."""
+    x = _check_data(x, "x")
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
     vectors = [_vector(value, n_channels, name, default) for name, value, default in vectors]
     relu = _activation(activation)
-    _check_optional(residual, "residual", x)
-    _check_out(out, x)
-    return axis, vectors, relu
+    residual = _check_optional(residual, "residual", x)
+    out = _check_out(out, x)
+    return x, axis, vectors, relu, residual, out
 
 
-def _affine(x, mean, scale, shift, out, axis, residual, relu):
+def _affine(x, mean, scale, shift, out, axis, residual, relu, returned=None):
+    """The element-wise pass into `out` (a plain ndarray) or a new array;
+    returns `returned` (the caller's own out) when given."""
     if x.size == 0:
-        return _empty_result(x, out)
-    layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
-        [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
-    _KERNELS["affine_" + layout][x.dtype](x_view, y_view, mean, scale, shift, residual_view,
-                                          relu)
-    finish()
-    return _result(out, y, axis)
+        y = _empty_result(x, out)
+    else:
+        layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
+            [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
+        _KERNELS["affine_" + layout][x.dtype](x_view, y_view, mean, scale, shift,
+                                              residual_view, relu)
+        finish()
+        y = _result(out, y, axis)
+    return y if returned is None else returned
 
 
 def _check_backward_options(dy, x, activation, y, out, grad_residual):
-    """The checks backward and grad_input share; returns True for a fused ReLU."""
+    """The checks backward and grad_input share; returns (relu, y, out,
+    grad_residual), the arrays as plain ndarrays."""
     relu = _activation(activation)
     if relu and y is None:
         raise TypeError("y, the forward's output, is required with activation='relu'")
     if y is not None and not relu:
         raise ValueError("y is only used with activation='relu'")
-    _check_optional(y, "y", x)
-    _check_out(out, x)
-    _check_out(grad_residual, x, "grad_residual")
+    y = _check_optional(y, "y", x)
+    out = _check_out(out, x)
+    grad_residual = _check_out(grad_residual, x, "grad_residual")
     _check_not_overlapping(grad_residual, (("out", out), ("x", x), ("y", y)), "grad_residual")
-    return relu
+    return relu, y, out, grad_residual
+
+
+# Below this invstd (a standard deviation over about 1e135), invstd**2 and
+# the sums of dy * (x - mean) leave float64's range: see _backward_scales.
+_SMALLEST_PLAIN_INVSTD = 2.0 ** -450
 
 
 def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=1,
@@ -503,8 +645,8 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
     Returns (dx, dweight, dbias); dx is written to `out` when given (out=dy
     works); dweight and dbias are (C,) arrays of x's dtype.
     """
-    _check_data(x, "x")
-    _check_same(dy, "dy", x)
+    x = _check_data(x, "x")
+    dy = _check_same(dy, "dy", x)
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
     mean = _vector(mean, n_channels, "mean")
@@ -512,12 +654,17 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
     weight = _vector(weight, n_channels, "weight", default=1.0)
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be True or False, got {training!r}")
-    relu = _check_backward_options(dy, x, activation, y, out, grad_residual)
+    given_out = out
+    relu, y, out, grad_residual = _check_backward_options(dy, x, activation, y, out,
+                                                          grad_residual)
     if grad_residual is not None and not relu:
         np.copyto(grad_residual, dy)  # before out=dy may overwrite it
     if x.size == 0:
         zeros = np.zeros(n_channels, x.dtype)
-        return _empty_result(x, out), zeros, zeros.copy()
+        return _empty_result(x, given_out), zeros, zeros.copy()
+    scale = None
+    if x.dtype == np.float64 and np.min(invstd) < _SMALLEST_PLAIN_INVSTD:
+        x, mean, invstd, scale = _backward_scales(x, axis, mean, invstd)
 
     layout, (dy_view, x_view, y_view), (dx_view, g_view), (dx, _), finish = _plan(
         [_to_axis1(a, axis) for a in (dy, x, y if relu else None)],
@@ -527,7 +674,19 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
     _KERNELS["backward_" + layout][x.dtype](dy_view, x_view, dx_view, mean, invstd, weight,
                                             training, dweight, dbias, y_view, g_view)
     finish()
-    return _result(out, dx, axis), dweight, dbias
+    dx = _result(out, dx, axis)
+    if scale is not None:  # dx of the scaled data is scale times too small
+        np.multiply(dx, scale.reshape((-1,) + (1,) * (x.ndim - 1 - axis)), out=dx)
+    return (dx if given_out is None else given_out), dweight, dbias
+
+
+def _backward_scales(x, axis, mean, invstd):
+    """x, mean and invstd of data scaled by a power of two per channel, so that
+    its standard deviation is about 1: the gradients of x-hat are the same
+    and dx is the scaled data's times the scale."""
+    scale = np.where(invstd < _SMALLEST_PLAIN_INVSTD, np.ldexp(1.0, np.frexp(invstd)[1]), 1.0)
+    shape = (-1,) + (1,) * (x.ndim - 1 - axis)
+    return x * scale.reshape(shape), mean * scale, invstd / scale, scale
 
 
 def fold_batch_norm(weight, bias, bn):
@@ -576,7 +735,7 @@ def batch_moments(x, *, axis=1):
     count is the number of values per channel (N * prod(spatial)); with no
     values, mean and m2 are zeros, which combine_moments ignores.
     """
-    _check_data(x, "x")
+    x = _check_data(x, "x")
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
     count = _values_per_channel(x, axis)
@@ -628,12 +787,12 @@ def grad_sums(dy, x, mean, *, axis=1, activation=None, y=None):
     """Per-channel (sum(g), sum(g * (x - mean))) in float64, g = dy (masked
     by y > 0 with activation="relu"): the reductions of backward, to be summed
     across processes before grad_input."""
-    _check_data(x, "x")
-    _check_same(dy, "dy", x)
+    x = _check_data(x, "x")
+    dy = _check_same(dy, "dy", x)
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
     mean = _vector(mean, n_channels, "mean")
-    relu = _check_backward_options(dy, x, activation, y, None, None)
+    relu, y, _, _ = _check_backward_options(dy, x, activation, y, None, None)
     sum_dy = np.zeros(n_channels)
     sum_dy_xmu = np.zeros(n_channels)
     if x.size:
@@ -652,8 +811,8 @@ def grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *,
     in training, weight*invstd*g otherwise, g = dy (masked by y > 0 with
     activation="relu", and then written to grad_residual when given).
     dweight = sum_dy_xmu*invstd and dbias = sum_dy.  Returns dx."""
-    _check_data(x, "x")
-    _check_same(dy, "dy", x)
+    x = _check_data(x, "x")
+    dy = _check_same(dy, "dy", x)
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
     mean = _vector(mean, n_channels, "mean")
@@ -665,11 +824,13 @@ def grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *,
         raise TypeError(f"count must be an integer, got {type(count).__name__}")
     if training and count < 1 and x.size:
         raise ValueError(f"count must be at least 1 in training, got {count}")
-    relu = _check_backward_options(dy, x, activation, y, out, grad_residual)
+    given_out = out
+    relu, y, out, grad_residual = _check_backward_options(dy, x, activation, y, out,
+                                                          grad_residual)
     if grad_residual is not None and not relu:
         np.copyto(grad_residual, dy)
     if x.size == 0:
-        return _empty_result(x, out)
+        return _empty_result(x, given_out)
     if training:
         dy_shift = sum_dy / count
         x_coef = invstd * invstd * sum_dy_xmu / count
@@ -682,4 +843,4 @@ def grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, count, weight=None, *,
     _KERNELS["grad_input_" + layout][x.dtype](dy_view, x_view, dx_view, mean, dy_shift,
                                                x_coef, weight * invstd, y_view, g_view)
     finish()
-    return _result(out, dx, axis)
+    return _result(given_out, dx, axis)

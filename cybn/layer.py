@@ -4,15 +4,24 @@ No arithmetic happens here beyond bookkeeping; the numbers come from
 cybn._api.
 """
 import numbers
+import threading
+from collections import namedtuple
 
 import numpy as np
 
-from ._api import (_activation, _axis, _check_data, _check_same, _forward_train, _real,
-                   backward, forward_eval)
+from ._api import (_activation, _assign, _axis, _check_data, _check_optional, _check_running,
+                   _commit_training_step, _eps, _momentum, _real, _train, _values_per_channel,
+                   _vector, _warn_not_finite, backward, forward_eval)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+# What backward needs of a forward: x, the float64 statistics and weight it
+# used, whether they were the batch's, the output y (kept for a fused ReLU's
+# backward, else None), whether a residual was added, and (SyncBatchNorm) the
+# values per channel over all processes.
+Saved = namedtuple("Saved", "x mean invstd weight batch_stats output residual global_count")
 
 
 class BatchNorm:
@@ -36,6 +45,15 @@ class BatchNorm:
     residual before it: y = relu(bn(x) + residual), in one pass.  After such
     a forward, backward(dy) leaves the residual's gradient in grad_residual
     (dy itself when there is no activation: not a copy).
+
+    Threads: a layer may be shared by several Python threads.  Each forward
+    (statistics, running statistics, num_batches_tracked, what backward
+    needs) and each backward is one step with respect to the other calls on
+    the same layer (a lock per layer: separate layers run in parallel), and
+    backward(dy) uses the last forward of the thread that calls it.
+    grad_weight, grad_bias and grad_residual are those of the last backward
+    of any thread.  A KeyboardInterrupt leaves the layer as it was before
+    the step or as it is after it, never in between.
     """
 
     _allowed_ndims = (2, 3, 4, 5)
@@ -74,9 +92,24 @@ class BatchNorm:
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.grad_residual = None
-        self._saved = None  # (x, mean, invstd, weight, used batch statistics) of the last forward
-        self._saved_output = None  # y of the last forward, for the ReLU's backward
-        self._saved_residual = False
+        self._lock = threading.RLock()
+        self._local = threading.local()  # .saved: this thread's last forward (a Saved)
+
+    @property
+    def _saved(self):
+        """This thread's last forward (a Saved), or None."""
+        return getattr(self._local, "saved", None)
+
+    def __getstate__(self):
+        # Locks and thread-local data do not copy: a copy starts with its own.
+        state = self.__dict__.copy()
+        del state["_lock"], state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._local = threading.local()
 
     # -- modes ---------------------------------------------------------------
 
@@ -92,8 +125,9 @@ class BatchNorm:
     def __call__(self, x, residual=None):
         return self.forward(x, residual)
 
-    def _check_input(self, x):
-        _check_data(x, "x")
+    def _check_input(self, x, residual=None):
+        """x and residual as plain ndarrays, checked against the layer."""
+        x = _check_data(x, "x")
         if x.ndim not in self._allowed_ndims:
             raise ValueError(f"expected {self._ndim_text} input (got {x.ndim}D input)")
         if x.dtype != self.dtype:
@@ -102,87 +136,132 @@ class BatchNorm:
         if x.shape[axis] != self.num_features:
             raise ValueError(f"x must have {self.num_features} channels (axis {self.axis}), "
                              f"got shape {x.shape}")
+        return x, _check_optional(residual, "residual", x)
+
+    def _check_state(self, x):
+        """The layer's own attributes, which a user may have reassigned: returns
+        (weight, bias, eps) as float64 and raises, naming the attribute, for a
+        value the computation cannot take."""
+        c = self.num_features
+        weight = _vector(self.weight, c, "weight", default=1.0)
+        bias = _vector(self.bias, c, "bias", default=0.0)
+        eps = _eps(self.eps)
+        relu = _activation(self.activation)
+        if self.momentum is not None:
+            _momentum(self.momentum)
+        if self.track_running_stats:
+            _check_running(self.running_mean, self.running_var, x, c)
+            if self.momentum is None and (
+                    isinstance(self.num_batches_tracked, bool)
+                    or not isinstance(self.num_batches_tracked, numbers.Integral)
+                    or self.num_batches_tracked < 0):
+                raise TypeError("num_batches_tracked must be a non-negative integer, got "
+                                f"{self.num_batches_tracked!r}")
+        return weight, bias, eps, relu
 
     def forward(self, x, residual=None):
         """y = bn(x), or act(bn(x) + residual) with the layer's activation."""
-        self._check_input(x)
-        if residual is not None:
-            _check_same(residual, "residual", x)
-        relu = _activation(self.activation)
-        use_batch_stats = self.training or not self.track_running_stats
-        weight = None if self.weight is None else np.array(self.weight, np.float64)
-        if use_batch_stats:
-            update = self.training and self.track_running_stats
-            momentum = self.momentum
-            if update and momentum is None:
-                momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
-            y, mean, invstd, updated = _forward_train(
-                x, weight, self.bias,
-                self.running_mean if update else None,
-                self.running_var if update else None,
-                0.0 if momentum is None else momentum, self.eps, None, self.axis, residual,
-                self.activation)
-            if updated:
-                self.num_batches_tracked += 1
-        else:
-            mean = self.running_mean.astype(np.float64)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            y = forward_eval(x, mean, self.running_var, weight, self.bias, eps=self.eps,
-                             axis=self.axis, residual=residual, activation=self.activation)
-        self._saved = (x, mean, invstd, weight, use_batch_stats)
-        self._saved_output = y if relu else None
-        self._saved_residual = residual is not None
-        return y
+        with self._lock:
+            x, residual = self._check_input(x, residual)
+            weight, bias, eps, relu = self._check_state(x)
+            axis = _axis(self.axis, x.ndim)
+            if self.training or not self.track_running_stats:
+                count = _values_per_channel(x, axis)
+                if count == 1:
+                    raise ValueError("Expected more than 1 value per channel when training, "
+                                     f"got input size {x.shape}")
+                y, mean, var, invstd = _train(x, weight, bias, eps, None, axis, residual,
+                                              relu, count)
+                saved = Saved(x, mean, invstd, weight, True, y if relu else None,
+                              residual is not None, None)
+                if self.training:
+                    if not _commit_training_step(self, mean, var, count, saved):
+                        if self.track_running_stats and count:
+                            _warn_not_finite()
+                    return y
+            else:
+                mean = self.running_mean.astype(np.float64)
+                var = self.running_var.astype(np.float64)
+                with np.errstate(divide="ignore", invalid="ignore"):  # IEEE, as the kernels
+                    invstd = 1.0 / np.sqrt(var + eps)
+                y = forward_eval(x, mean, var, weight, bias, eps=eps, axis=self.axis,
+                                 residual=residual, activation=self.activation)
+                saved = Saved(x, mean, invstd, weight, False, y if relu else None,
+                              residual is not None, None)
+            _assign(self._local, saved=saved)
+            return y
 
     def backward(self, dy):
-        """dx for the last forward; sets grad_weight and grad_bias when affine."""
-        if self._saved is None:
-            raise RuntimeError(f"{type(self).__name__}.backward was called before forward")
-        x, mean, invstd, weight, use_batch_stats = self._saved
-        relu = self._saved_output is not None
-        grad_residual = (np.empty_like(dy) if relu and self._saved_residual
-                         and isinstance(dy, np.ndarray) else None)
-        dx, grad_weight, grad_bias = backward(
-            dy, x, mean, invstd, weight, training=use_batch_stats, axis=self.axis,
-            activation="relu" if relu else None, y=self._saved_output,
-            grad_residual=grad_residual)
+        """dx for this thread's last forward; sets grad_weight and grad_bias when affine."""
+        with self._lock:
+            saved = self._saved
+            if saved is None:
+                raise RuntimeError(f"{type(self).__name__}.backward was called before forward "
+                                   "(in this thread)")
+            relu = saved.output is not None
+            grad_residual = (np.empty_like(dy) if relu and saved.residual
+                             and isinstance(dy, np.ndarray) else None)
+            dx, grad_weight, grad_bias = backward(
+                dy, saved.x, saved.mean, saved.invstd, saved.weight,
+                training=saved.batch_stats, axis=self.axis,
+                activation="relu" if relu else None, y=saved.output,
+                grad_residual=grad_residual)
+            self._set_gradients(grad_weight, grad_bias,
+                                (grad_residual if relu else dy) if saved.residual else None)
+            return dx
+
+    def _set_gradients(self, grad_weight, grad_bias, grad_residual):
         if self.affine:
-            self.grad_weight = grad_weight.astype(self.dtype, copy=False)
-            self.grad_bias = grad_bias.astype(self.dtype, copy=False)
-        self.grad_residual = None
-        if self._saved_residual:
-            self.grad_residual = grad_residual if relu else dy
-        return dx
+            _assign(self, grad_weight=grad_weight.astype(self.dtype, copy=False),
+                    grad_bias=grad_bias.astype(self.dtype, copy=False),
+                    grad_residual=grad_residual)
+        else:
+            self.grad_residual = grad_residual
 
     # -- state ---------------------------------------------------------------
 
     def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked = 0
+        with self._lock:
+            if self.track_running_stats:
+                self.running_mean[...] = 0
+                self.running_var[...] = 1
+                self.num_batches_tracked = 0
 
     def reset_parameters(self):
-        self.reset_running_stats()
-        if self.affine:
-            self.weight[...] = 1
-            self.bias[...] = 0
+        with self._lock:
+            self.reset_running_stats()
+            if self.affine:
+                self.weight[...] = 1
+                self.bias[...] = 0
 
     def state_dict(self):
         """Copies of the parameters and buffers under PyTorch's keys; those
         that are None (affine=False, track_running_stats=False) are left out."""
-        state = {}
-        for key in self._state_keys():
-            value = getattr(self, key)
-            state[key] = (np.array(value, dtype=np.int64) if key == "num_batches_tracked"
-                          else value.copy())
-        return state
+        with self._lock:
+            state = {}
+            for key in self._state_keys():
+                value = getattr(self, key)
+                state[key] = (np.array(value, dtype=np.int64) if key == "num_batches_tracked"
+                              else value.copy())
+            return state
 
     def load_state_dict(self, state_dict):
         """Load a dict such as state_dict() returns, or a PyTorch BatchNorm's
         state dict converted with .numpy().  Everything is checked before
         anything is assigned; a missing num_batches_tracked loads as 0, as in
         PyTorch."""
+        with self._lock:
+            converted = self._converted_state(state_dict)
+            arrays = {key: np.array(value) for key, value in converted.items()
+                      if key != "num_batches_tracked"}
+            for key, value in arrays.items():
+                getattr(self, key)[...] = value
+            if "num_batches_tracked" in converted:
+                self.num_batches_tracked = converted["num_batches_tracked"]
+
+    def _converted_state(self, state_dict):
+        """state_dict's values checked and converted: arrays of the layer's dtype
+        and an int counter; raises, naming the key, for anything else."""
         expected = self._state_keys()
         given = dict(state_dict)
         if "num_batches_tracked" in expected:
@@ -196,9 +275,11 @@ class BatchNorm:
         for key in expected:
             value = np.asarray(given[key])
             if key == "num_batches_tracked":
-                if value.size != 1 or value.dtype.kind not in "iu" or value.item() < 0:
+                if (value.size != 1 or value.dtype.kind not in "iu"
+                        or not 0 <= value.item() <= np.iinfo(np.int64).max):
                     raise ValueError("state_dict['num_batches_tracked'] must be one "
-                                     f"non-negative integer, got {given[key]!r}")
+                                     "non-negative integer that fits int64, got "
+                                     f"{given[key]!r}")
                 converted[key] = int(value.item())
                 continue
             if value.dtype.kind not in "fiu":
@@ -207,12 +288,14 @@ class BatchNorm:
             if value.shape != (self.num_features,):
                 raise ValueError(f"state_dict[{key!r}] must have shape "
                                  f"({self.num_features},), got {value.shape}")
-            converted[key] = value
-        for key, value in converted.items():
-            if key == "num_batches_tracked":
-                self.num_batches_tracked = value
-            else:
-                getattr(self, key)[...] = value
+            with np.errstate(over="ignore"):
+                cast = value.astype(self.dtype)
+            overflow = np.isfinite(value) & ~np.isfinite(cast)
+            if np.any(overflow):
+                raise ValueError(f"state_dict[{key!r}] holds {value[overflow][0]!r}, beyond the "
+                                 f"range of the layer's dtype {self.dtype}")
+            converted[key] = cast
+        return converted
 
     def _state_keys(self):
         return tuple(k for k in _STATE_KEYS if getattr(self, k) is not None)

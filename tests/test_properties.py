@@ -25,7 +25,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 LAYOUTS = ["C", "Fortran", "channels-last", "transposed-spatial", "step-sliced",
-           "negative-strides", "read-only"]
+           "negative-strides", "read-only", "subclass"]
+
+
+class Subclass(np.ndarray):
+    """An ndarray subclass whose reshape is not ndarray's: cybn must compute
+    on the plain array it holds.  (Misaligned layouts are drawn in
+    tests/misaligned_cases.py, which runs in a subprocess.)"""
+
+    def reshape(self, *args, **kwargs):
+        raise AssertionError("cybn called a subclass's reshape")
 
 
 def in_layout(x, layout):
@@ -45,6 +54,8 @@ def in_layout(x, layout):
     if layout == "read-only":
         x = x.copy()
         x.flags.writeable = False
+    if layout == "subclass":
+        return x.view(Subclass)
     return x
 
 
@@ -148,7 +159,7 @@ def test_forward_eval_and_layer_eval(batch, eps, affine):
 
 @given(batches(), st.sampled_from(["dtype", "rank", "weight", "out_shape", "out_dtype",
                                    "out_readonly", "running_one", "running_dtype",
-                                   "out_aliases_running", "momentum", "eps"]))
+                                   "out_aliases_running", "momentum", "eps", "matrix"]))
 def test_bad_input_raises_and_modifies_nothing(batch, fault):
     x, seed = batch
     c = x.shape[1]
@@ -163,7 +174,7 @@ def test_bad_input_raises_and_modifies_nothing(batch, fault):
         with np.errstate(over="ignore"):  # values past float16's range become inf
             x = x.astype(np.float16)
     elif fault == "rank":
-        x = x.reshape(-1)
+        x = np.asarray(x).reshape(-1)
     elif fault == "weight":
         args["weight"] = np.ones(c + 1)
     elif fault == "out_shape":
@@ -185,6 +196,11 @@ def test_bad_input_raises_and_modifies_nothing(batch, fault):
         args["momentum"] = 1.5
     elif fault == "eps":
         args["eps"] = -1.0
+    elif fault == "matrix":
+        with warnings.catch_warnings():  # np.matrix's own PendingDeprecationWarning
+            warnings.simplefilter("ignore", PendingDeprecationWarning)
+            x = np.asmatrix(np.asarray(x).reshape(x.shape[0], c * (count // x.shape[0])
+                                                  if x.shape[0] else c))
     arrays = [a for a in args.values() if isinstance(a, np.ndarray)]
     with Untouched(*arrays), pytest.raises(expected_error):
         cybn.forward_train(x, **args)
