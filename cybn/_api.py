@@ -439,8 +439,9 @@ def _train(x, weight, bias, eps, out, axis, residual, relu, count):
     # _rescue needs x as it was, so a float64 output that overlaps an input
     # is written through a new array.
     target = out
-    if out is not None and x.dtype == np.float64 and any(
-            a is not None and _kernels.may_overlap(out, a) for a in (x, residual)):
+    if out is not None and x.dtype == np.float64 and (
+            _kernels.may_overlap(out, x)
+            or (residual is not None and _kernels.may_overlap(out, residual))):
         target = None
     layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
         [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(target, axis), True)])
@@ -451,7 +452,7 @@ def _train(x, weight, bias, eps, out, axis, residual, relu, count):
                                                   invstd, residual_view, relu)
     finish()
     y = _result(target, y, axis)
-    if x.dtype == np.float64 and not np.isfinite(np.sum(var) + np.sum(mean)):
+    if x.dtype == np.float64 and not (_kernels.all_finite(mean) and _kernels.all_finite(var)):
         if _rescue(x, axis, count, eps, mean, var, invstd):
             y = _affine(x, mean, weight * invstd, bias, target, axis, residual, relu)
     if target is not out:
@@ -663,7 +664,7 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
         zeros = np.zeros(n_channels, x.dtype)
         return _empty_result(x, given_out), zeros, zeros.copy()
     scale = None
-    if x.dtype == np.float64 and np.min(invstd) < _SMALLEST_PLAIN_INVSTD:
+    if x.dtype == np.float64 and _kernels.any_below(invstd, _SMALLEST_PLAIN_INVSTD):
         x, mean, invstd, scale = _backward_scales(x, axis, mean, invstd)
 
     layout, (dy_view, x_view, y_view), (dx_view, g_view), (dx, _), finish = _plan(

@@ -1293,6 +1293,27 @@ def may_overlap(cnp.ndarray a not None, cnp.ndarray b not None):
     return a_low < b_high and b_low < a_high
 
 
+def all_finite(a):
+    """Whether every value of a float64 vector is finite: NumPy's reductions
+    cost a microsecond or more per call and may warn."""
+    cdef Py_ssize_t n = extent(a, 0) if isinstance(a, cnp.ndarray) else 0, i
+    cdef const double *p = doubles(a, n, False)
+    for i in range(n):
+        if not isfinite(p[i]):
+            return False
+    return True
+
+
+def any_below(a, double low):
+    """Whether a float64 vector holds a value below low (see all_finite)."""
+    cdef Py_ssize_t n = extent(a, 0) if isinstance(a, cnp.ndarray) else 0, i
+    cdef const double *p = doubles(a, n, False)
+    for i in range(n):
+        if p[i] < low:
+            return True
+    return False
+
+
 def float64_copy(v, Py_ssize_t n):
     """A new float64 array of v's values when v is an aligned, native float32
     or float64 ndarray of shape (n,), of any stride; None otherwise (cybn._api
