@@ -69,7 +69,7 @@ extensions = [
         define_macros=macros,
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=["cybn/_loops.h"],
+        depends=["cybn/_loops.h", "cybn/_loops_impl.h"],
     )
 ]
 # The argument checks, compiled as they are written: plain Python, with
