@@ -40,6 +40,8 @@ cdef extern from "_loops.h" nogil:
     int cybn_max_threads()
     int cybn_fused
     void cybn_detect_fma()
+    int cybn_cpu_features()
+    int cybn_build_options()
     void cybn_divide_by_sqrt(double *a, const double *v, double eps, Py_ssize_t n)
     double batch_invstd "cybn_batch_invstd"(double *var, Py_ssize_t count, double eps)
     void batch_scales "cybn_batch_scales"(
@@ -249,6 +251,14 @@ ctypedef struct Rows:
 ctypedef struct RowsTask:
     # Rows [begin, end) of row range `part`, channels [first, first + count).
     Py_ssize_t part, begin, end, first, count
+
+
+def machine_and_build():
+    """What cybn.show_config() reports of the CPU and of this build."""
+    cdef int cpu = cybn_cpu_features(), build = cybn_build_options()
+    return {"avx2": bool(cpu & 1), "fma": bool(cpu & 2), "avx512f": bool(cpu & 4),
+            "fused_float32_passes": bool(cybn_fused), "openmp": bool(build & 1),
+            "runtime_clones": bool(build & 2), "native": bool(build & 4)}
 
 
 def max_threads():

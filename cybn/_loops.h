@@ -70,6 +70,37 @@ static void cybn_detect_fma(void)
 #endif
 }
 
+/* What the CPU offers of the instruction sets the clones use, for
+ * cybn.show_config(): bit 0 AVX2, bit 1 FMA, bit 2 AVX-512F. */
+static int cybn_cpu_features(void)
+{
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return (__builtin_cpu_supports("avx2") != 0) | (__builtin_cpu_supports("fma") != 0) << 1
+           | (__builtin_cpu_supports("avx512f") != 0) << 2;
+#else
+    return 0;
+#endif
+}
+
+/* The build's options, for cybn.show_config(): bit 0 OpenMP, bit 1 run-time
+ * clones (else one instance for the compiler's target), bit 2 -march=native. */
+static int cybn_build_options(void)
+{
+    int options = 0;
+#ifdef _OPENMP
+    options |= 1;
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__) && !defined(CYBN_NATIVE)
+    options |= 2;
+#endif
+#ifdef CYBN_NATIVE
+    options |= 4;
+#endif
+    return options;
+}
+
 /* Whether the fused dx (see grad_input_loop) is the unfused one but for
  * rounding, for every float g and x: its coefficients are finite, and so are
  * their products with any g or x - mean (below 2^130).  Not so where var + eps
