@@ -28,7 +28,9 @@ the others wait in it: that waits forever, as with any MPI program.
 """
 import numpy as np
 
-from ._api import (_check_same, _commit_training_step, _warn_not_finite,
+from . import _kernels
+from ._api import (_SMALLEST_PLAIN_INVSTD, _axis, _backward_scales, _check_same,
+                   _commit_training_step, _power_of_two_scales, _warn_not_finite,
                    backward, batch_moments, combine_moments, grad_input, grad_sums, normalize)
 from .layer import BatchNorm, Saved
 
@@ -102,7 +104,7 @@ class SyncBatchNorm(BatchNorm):
             raise TypeError("comm must be an mpi4py intracommunicator such as "
                             f"MPI.COMM_WORLD, got {type(comm).__name__}")
         self.comm = comm
-        self._in_place = MPI.IN_PLACE
+        self._in_place, self._max = MPI.IN_PLACE, MPI.MAX
 
     # -- forward -------------------------------------------------------------
 
@@ -122,27 +124,50 @@ class SyncBatchNorm(BatchNorm):
                 count, mean, m2 = 0, np.zeros(self.num_features), np.zeros(self.num_features)
             headers = self._exchange_headers(_FORWARD_TRAIN, local_error, count)
 
-            moments = np.stack([mean, m2])
-            gathered = np.empty((self.comm.Get_size(),) + moments.shape)
-            self.comm.Allgather(moments, gathered)
-            # IEEE results without NumPy's warnings, as in the kernels: a NaN or
-            # Inf batch gets the one warning of _warn_not_finite instead.
-            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-                total, mean, m2 = combine_moments(headers[:, _COUNT], gathered[:, 0],
-                                                  gathered[:, 1])
+            total, mean, m2 = self._combined(headers[:, _COUNT], mean, m2)
             if total == 1:
                 raise ValueError(
                     "Expected more than 1 value per channel when training, got 1 value per "
                     f"channel over the {self.comm.Get_size()} processes of comm "
                     f"(input size {x.shape} on this process)")
-            return self._forward_with(x, total, mean, m2, weight, bias, eps, residual)
+            scale = np.ones(self.num_features)
+            # Finite data whose spread overflows m2 (float64 beyond ~1e154): the
+            # moments again on data scaled by powers of two, as BatchNorm does.
+            # The combined moments are the same everywhere, so is this branch.
+            if total and not (_kernels.all_finite(m2) or not _kernels.all_finite(mean)):
+                scale = self._scales(x, m2)
+                _, mean, m2 = batch_moments(x * scale.reshape((-1,) + (1,) * (
+                    x.ndim - 1 - _axis(self.axis, x.ndim))), axis=self.axis)
+                total, mean, m2 = self._combined(headers[:, _COUNT], mean, m2)
+            return self._forward_with(x, total, mean, m2, scale, weight, bias, eps, residual)
 
-    def _forward_with(self, x, total, mean, m2, weight, bias, eps, residual):
-        """Normalize with the combined statistics and commit the step."""
-        with np.errstate(divide="ignore", invalid="ignore"):  # eps=0, var=0: inf
+    def _combined(self, counts, mean, m2):
+        """The moments of the whole batch from each process's (Allgather)."""
+        moments = np.stack([mean, m2])
+        gathered = np.empty((self.comm.Get_size(),) + moments.shape)
+        self.comm.Allgather(moments, gathered)
+        # IEEE results without NumPy's warnings, as in the kernels: a NaN or
+        # Inf batch gets the one warning of _warn_not_finite instead.
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            return combine_moments(counts, gathered[:, 0], gathered[:, 1])
+
+    def _scales(self, x, m2):
+        """Per channel, a power of two that brings the largest |x| of all
+        processes to [0.5, 1) where m2 overflowed, else 1 (Allreduce)."""
+        largest = np.zeros(self.num_features)
+        if x.size:
+            axes = tuple(a for a in range(x.ndim) if a != _axis(self.axis, x.ndim))
+            largest = np.max(np.abs(x), axis=axes).astype(np.float64)
+        self.comm.Allreduce(self._in_place, largest, op=self._max)
+        return np.where(np.isfinite(m2), 1.0, _power_of_two_scales(largest))
+
+    def _forward_with(self, x, total, mean, m2, scale, weight, bias, eps, residual):
+        """Normalize with the combined statistics (of x * scale) and commit the step."""
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # IEEE results
             var = m2 / total if total else np.full(self.num_features, np.nan)
-            invstd = 1.0 / np.sqrt(var + eps)
-        mean = mean if total else np.full(self.num_features, np.nan)
+            invstd = scale / np.sqrt(var + eps * scale * scale)
+            var = var / scale / scale  # beyond float64's range where the data were scaled
+        mean = mean / scale if total else np.full(self.num_features, np.nan)
         y = normalize(x, mean, invstd, weight, bias, axis=self.axis, residual=residual,
                       activation=self.activation)
         relu = self.activation is not None
@@ -170,9 +195,13 @@ class SyncBatchNorm(BatchNorm):
             options = dict(axis=self.axis, activation="relu" if relu else None,
                            y=saved.output)
             c = self.num_features
+            x, mean, invstd, scale = saved.x, saved.mean, saved.invstd, None
             try:
-                dy = _check_same(dy, "dy", saved.x)
-                sum_dy, sum_dy_xmu = grad_sums(dy, saved.x, saved.mean, **options)
+                dy = _check_same(dy, "dy", x)
+                if _kernels.any_below(invstd, _SMALLEST_PLAIN_INVSTD):  # as backward does
+                    x, mean, invstd, scale = _backward_scales(x, _axis(self.axis, x.ndim),
+                                                              mean, invstd)
+                sum_dy, sum_dy_xmu = grad_sums(dy, x, mean, **options)
                 local_error = None
             except Exception as error:
                 local_error = error
@@ -185,11 +214,13 @@ class SyncBatchNorm(BatchNorm):
             total = saved.global_count
             grad_residual = np.empty_like(dy) if relu and saved.residual else None
             if total == 0:  # as BatchNorm on an empty batch
-                dx, grad_weight, grad_bias = np.empty_like(saved.x), np.zeros(c), np.zeros(c)
+                dx, grad_weight, grad_bias = np.empty_like(x), np.zeros(c), np.zeros(c)
             else:
-                dx = grad_input(dy, saved.x, saved.mean, saved.invstd, sum_dy, sum_dy_xmu,
-                                total, saved.weight, grad_residual=grad_residual, **options)
-                grad_weight, grad_bias = sum_dy_xmu * saved.invstd, sum_dy
+                dx = grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, total, saved.weight,
+                                grad_residual=grad_residual, **options)
+                grad_weight, grad_bias = sum_dy_xmu * invstd, sum_dy
+                if scale is not None:  # dx of the scaled data is scale times too small
+                    dx *= scale.reshape((-1,) + (1,) * (x.ndim - 1 - _axis(self.axis, x.ndim)))
             self._set_gradients(grad_weight.astype(self.dtype), grad_bias.astype(self.dtype),
                                 (grad_residual if relu else dy) if saved.residual else None)
             return dx

@@ -108,6 +108,28 @@ def check_equivalence(dtype, spatial, **options):
             same_everywhere(sync.running_var, f"running_var, {what}")
 
 
+def check_large_magnitudes():
+    """float64 data whose spread overflows the sum of squares (1e300): the
+    scaled second round (Allreduce of the largest values) gives what
+    BatchNorm gives on the whole batch."""
+    global checks
+    sizes = batch_sizes(1)
+    rng = np.random.default_rng(11)
+    unit = rng.standard_normal((sum(sizes), 3, 4)) + np.array([0, 2, -1.0]).reshape(1, 3, 1)
+    x, dy = unit * 1e300, rng.standard_normal(unit.shape)
+    sync, ref = SyncBatchNorm(3, dtype=np.float64), cybn.BatchNorm(3, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the running variance overflows
+        y, y_ref = sync(my_slice(x, sizes)), my_slice(ref(x), sizes)
+    checks += 1
+    error = np.max(np.abs(y - y_ref), initial=0.0)
+    assert error < 1e-12, f"large magnitudes: y off by {error}"
+    dx, dx_ref = sync.backward(my_slice(dy, sizes)), my_slice(ref.backward(dy), sizes)
+    error = np.max(np.abs(dx - dx_ref), initial=0.0) * 1e300
+    assert error < 1e-9, f"large magnitudes: dx off by {error} (times 1e300)"
+    same_everywhere(sync.grad_weight, "grad_weight at large magnitudes")
+
+
 def check_eval_local_statistics(sync, ref, x, dy, sizes, what):
     """Eval without running statistics: each process normalizes with its own
     batch's statistics (as PyTorch does), and the weight gradients are the sum
@@ -309,6 +331,7 @@ def main():
         check_equivalence(dtype, (2, 2), affine=False)
         check_equivalence(dtype, (4,), track_running_stats=False)
         check_errors(dtype)
+    check_large_magnitudes()
     print(f"rank {rank} ok: {checks} checks", flush=True)
 
 

@@ -227,3 +227,26 @@ def test_missing_mpi4py_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # makes `import mpi4py` fail
     with pytest.raises(ImportError, match=re.escape("pip install 'cybn[mpi]'")):
         SyncBatchNorm(3)
+
+
+@pytest.mark.parametrize("magnitude", [1e160, 1e300])
+def test_float64_beyond_1e154_as_batchnorm(magnitude, MPI):
+    """Data whose spread overflows the sum of squares: the moments again on
+    scaled data, as BatchNorm, and the running variance left alone."""
+    rng = np.random.default_rng(4)
+    unit = rng.standard_normal((6, 3, 5)) + np.array([0.0, 2.0, -1.0]).reshape(1, 3, 1)
+    unit[:, 2] *= 1e-200  # a channel that does not overflow, next to those that do
+    x = unit * magnitude
+    sync = SyncBatchNorm(3, dtype=np.float64, comm=MPI.COMM_SELF)
+    ref = cybn.BatchNorm1d(3, dtype=np.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y_sync, y_ref = sync(x), ref(x)
+    assert [w.category for w in caught] == [RuntimeWarning] * 2
+    np.testing.assert_allclose(y_sync, y_ref, atol=1e-12)
+    expected = cybn.forward_train(unit[:, :2], eps=0.0)[0]
+    np.testing.assert_allclose(y_sync[:, :2], expected, atol=1e-12)
+    dy = rng.standard_normal(x.shape)
+    np.testing.assert_allclose(sync.backward(dy) * magnitude, ref.backward(dy) * magnitude,
+                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(sync.running_var, np.ones(3))
