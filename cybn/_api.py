@@ -436,28 +436,21 @@ def _train(x, weight, bias, eps, out, axis, residual, relu, count):
     if count == 0:
         undefined = np.full(n_channels, np.nan)  # statistics of no values
         return _empty_result(x, out), undefined, undefined.copy(), undefined.copy()
-    # _rescue needs x as it was, so a float64 output that overlaps an input
-    # is written through a new array.
-    target = out
-    if out is not None and x.dtype == np.float64 and (
-            _kernels.may_overlap(out, x)
-            or (residual is not None and _kernels.may_overlap(out, residual))):
-        target = None
     layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
-        [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(target, axis), True)])
+        [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
     mean = np.empty(n_channels)
     var = np.empty(n_channels)
     invstd = np.empty(n_channels)
-    _KERNELS["forward_train_" + layout][x.dtype](x_view, y_view, weight, bias, eps, mean, var,
-                                                  invstd, residual_view, relu)
+    written = _KERNELS["forward_train_" + layout][x.dtype](
+        x_view, y_view, weight, bias, eps, mean, var, invstd, residual_view, relu)
+    if written != _kernels.ALL_WRITTEN:  # float64 statistics not finite somewhere
+        unwritten = (np.arange(n_channels) if written == _kernels.NONE_WRITTEN
+                     else np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var))))
+        _rescue(x, axis, count, eps, mean, var, invstd)
+        _affine_channels(unwritten, x_view, mean, weight * invstd, bias, y_view,
+                         residual_view, relu)
     finish()
-    y = _result(target, y, axis)
-    if x.dtype == np.float64 and not (_kernels.all_finite(mean) and _kernels.all_finite(var)):
-        if _rescue(x, axis, count, eps, mean, var, invstd):
-            y = _affine(x, mean, weight * invstd, bias, target, axis, residual, relu)
-    if target is not out:
-        np.copyto(out, y)
-        y = out
+    y = _result(out, y, axis)
     return y, mean, var, invstd
 
 
@@ -489,6 +482,15 @@ def _rescue(x, axis, count, eps, mean, var, invstd):
         var[bad] = scaled_var / scale / scale
     invstd[bad] = scale / np.sqrt(scaled_var + eps * scale * scale)
     return True
+
+
+def _affine_channels(channels, x, mean, scale, shift, y, residual, relu):
+    """y[:, channels] that the training kernel left unwritten (see
+    _kernels.ALL_WRITTEN), from x[:, channels] as it was (x, y, residual:
+    the kernel's views, channels on axis 1)."""
+    part = (slice(None), channels)
+    y[part] = _affine(x[part], mean[channels], scale[channels], shift[channels], None, 1,
+                      None if residual is None else residual[part], relu)
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):

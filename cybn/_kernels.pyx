@@ -1063,6 +1063,33 @@ cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch
                              sum_dy_xmu, n_threads, like)
 
 
+# What the training forwards return: whether they wrote every channel.  A
+# float64 channel whose statistics are not finite (NaN or Inf in it, or a
+# spread beyond ~1e154 that overflows the sum of squares) is not written, so
+# that cybn._api can compute its statistics again from x as it was, also
+# when y is written over x; the per-channel path skips only those channels,
+# the others write nothing at all.  float32 statistics never overflow.
+cdef enum:
+    ALL_WRITTEN_ = 0
+    WRITTEN_BUT_NON_FINITE_ = 1
+    NONE_WRITTEN_ = 2
+ALL_WRITTEN, WRITTEN_BUT_NON_FINITE, NONE_WRITTEN = (ALL_WRITTEN_, WRITTEN_BUT_NON_FINITE_,
+                                                     NONE_WRITTEN_)
+
+
+cdef inline bint statistics_finite(double mean, double var, floating *like) noexcept nogil:
+    return floating is float or (isfinite(mean) and isfinite(var))
+
+
+cdef bint all_statistics_finite(const double *mean, const double *var, Py_ssize_t n,
+                                floating *like) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(n):
+        if not statistics_finite(mean[c], var[c], like):
+            return False
+    return True
+
+
 cdef void train_channels(Planar x, Planar res, Planar y, Py_ssize_t first, Py_ssize_t end,
                          Py_ssize_t n_spatial, Py_ssize_t count, const double *weight,
                          const double *bias, double eps, double *mean, double *var,
@@ -1081,6 +1108,10 @@ cdef void train_channels(Planar x, Planar res, Planar y, Py_ssize_t first, Py_ss
     channel_moments(x, first, n_spatial, count, &mean[first], &var[first], like)
     for c in range(first, end):
         invstd[c] = batch_invstd(&var[c], count, eps)
+        if not statistics_finite(mean[c], var[c], like):  # see WRITTEN_BUT_NON_FINITE
+            if c + 1 < end:
+                channel_moments(x, c + 1, n_spatial, count, &mean[c + 1], &var[c + 1], like)
+            continue
         if not overlap or c + 1 == end:
             planar_affine(x, res, y, c, n_spatial, 0, count, mean[c], weight[c] * invstd[c],
                           bias[c], relu, stream, like)
@@ -1221,7 +1252,8 @@ def float64_copy(v, Py_ssize_t n):
 def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
                          residual=None, bint relu=False, floating kind=0):
     """out = act((x - mean)*invstd*weight + bias [+ residual]) with the batch
-    statistics, which are written to mean, var (biased) and invstd."""
+    statistics, which are written to mean, var (biased) and invstd.  Returns
+    ALL_WRITTEN, or which channels were not (see WRITTEN_BUT_NON_FINITE)."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
     cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
@@ -1249,17 +1281,24 @@ def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
                                    part_start(t + 1, n_threads, n_channels), n_spatial, count,
                                    weight_p, bias_p, eps, mean_p, var_p, invstd_p, relu, stream,
                                    overlap, like)
-        return
+        if all_statistics_finite(mean_p, var_p, n_channels, like):
+            return ALL_WRITTEN_
+        return WRITTEN_BUT_NON_FINITE_
+    cdef int written = ALL_WRITTEN_
     work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + n_channels)
     try:
         with nogil:
             planar_statistics(xv, n_batch, n_channels, n_spatial, n_arrays, work + n_channels,
                               mean_p, var_p, n_threads, like)
             batch_scales(n_channels, count, eps, weight_p, var_p, invstd_p, work)
-            runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, work, bias_p,
-                            relu, n_arrays, True, n_threads, like)
+            if not all_statistics_finite(mean_p, var_p, n_channels, like):
+                written = NONE_WRITTEN_
+            else:
+                runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, work,
+                                bias_p, relu, n_arrays, True, n_threads, like)
     finally:
         free(work)
+    return written
 
 
 def forward_train_rows(x, out, weight, bias, double eps, mean, var, invstd, residual=None,
@@ -1277,14 +1316,19 @@ def forward_train_rows(x, out, weight, bias, double eps, mean, var, invstd, resi
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef int n_threads = threads_for(n_rows * n_channels)
     cdef double *work = scratch(n_channels * (2 * n_parts + 1))
+    cdef int written = ALL_WRITTEN_
     try:
         with nogil:
             rows_moments(xv, n_rows, n_channels, n_parts, work, mean_p, var_p, n_threads, like)
             batch_scales(n_channels, n_rows, eps, weight_p, var_p, invstd_p, work)
-            rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, work, bias_p, relu,
-                            affine_arrays(rv.data != NULL), True, n_threads, like)
+            if not all_statistics_finite(mean_p, var_p, n_channels, like):
+                written = NONE_WRITTEN_
+            else:
+                rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, work, bias_p, relu,
+                                affine_arrays(rv.data != NULL), True, n_threads, like)
     finally:
         free(work)
+    return written
 
 
 cdef void parameter_gradients(Py_ssize_t n_channels, const double *sum_dy,

@@ -400,3 +400,25 @@ def test_load_state_dict_rejects_what_does_not_fit():
             np.testing.assert_array_equal(after[k], before[k], err_msg=f"{key} changed {k}")
     layer.load_state_dict({**before, "num_batches_tracked": np.uint64(2 ** 63 - 1)})
     assert layer.state_dict()["num_batches_tracked"] == 2 ** 63 - 1
+
+
+@pytest.mark.parametrize("shape", [(40, 3), (6, 3, 5, 5), (300, 3, 8, 8), (4, 3, 2, 1, 1)],
+                         ids=["rows", "per-channel", "memory-order", "rank-5 rows"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_overflowing_channels_next_to_plain_ones(shape, in_place):
+    """Each kernel path leaves the channels whose float64 statistics overflow
+    for the rescue, also when y is written over x, and writes the others."""
+    rng = np.random.default_rng(8)
+    unit = rng.standard_normal(shape)
+    magnitudes = np.array([1.0, 1e300, 1e-300]).reshape((1, 3) + (1,) * (len(shape) - 2))
+    x = unit * magnitudes
+    residual = rng.standard_normal(shape)
+    expected = reference.forward_train(unit, eps=0.0)[0]
+    expected[:, 0] = reference.forward_train(x[:, :1])[0][:, 0]  # eps matters at scale 1
+    expected[:, 2] = reference.forward_train(x[:, 2:])[0][:, 0]  # ... and swamps 1e-300
+    expected = np.maximum(expected + residual, 0)
+    out = x if in_place else None
+    y, mean, invstd = cybn.forward_train(x, out=out, residual=residual, activation="relu")
+    assert (y is x) == in_place
+    np.testing.assert_allclose(y, expected, atol=1e-12)
+    np.testing.assert_allclose(mean[1] / 1e300, unit[:, 1].mean(), rtol=1e-12, atol=1e-15)
