@@ -88,3 +88,17 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") == "true" and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} was skipped in CI ({report.longrepr}); install cybn[test]"
+
+
+# Tests that take more than about 5 s, marked here by node id so that the
+# test modules themselves stay as they are; `-m "not slow"` leaves them out.
+SLOW_TESTS = {
+    "test_edge_cases.py::test_in_place_past_2_to_the_31_elements",
+    "test_sync.py::test_sync_batchnorm_across_processes",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("/")[-1].split("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

@@ -121,6 +121,7 @@ def test_whole_network_gradients(td, use_bn):
                                                rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_quick_training_run(td, tmp_path):
     # The example's own dependencies, part of cybn[test]: missing, this fails.
     import matplotlib  # noqa: F401
