@@ -11,15 +11,18 @@ USAGE = Path(__file__).resolve().parent / "typed_usage.py"
 
 
 def mypy(path, cache):
-    """mypy --strict on path, run from the directory that holds the imported
-    cybn package (an editable install's import hook is invisible to mypy)."""
+    """mypy --strict on path.  An installed package is found in site-packages;
+    an editable install's import hook is invisible to mypy, so then mypy runs
+    from the directory that holds the imported cybn package."""
     import cybn
 
     pytest.importorskip("mypy", reason="pip install 'cybn[typing]'")
+    holder = Path(cybn.__file__).parents[1]
+    installed = holder.name in ("site-packages", "dist-packages")
     return subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
                            "--cache-dir", str(cache / ".mypy_cache"), str(path)],
                           capture_output=True, text=True, timeout=600,
-                          cwd=Path(cybn.__file__).parents[1])
+                          cwd=cache if installed else holder)
 
 
 def test_package_ships_type_information():
