@@ -152,12 +152,16 @@ def _last_level_cache():
             continue
         if best is None or level > best[0]:
             best = (level, size)
-    if best is None:
-        return None
-    level, size = best
-    if size.endswith("K") and size[:-1].isdigit() and int(size[:-1]) % 1024 == 0:
-        size = f"{int(size[:-1]) // 1024} MiB"
-    return f"L{level} {size}"
+    return None if best is None else cache_text(f"L{best[0]} {best[1]}")
+
+
+def cache_text(text):
+    """'L3 32768K' -> 'L3 32 MiB' (sysfs gives KiB); anything else unchanged."""
+    if text:
+        level, _, size = text.partition(" ")
+        if size.endswith("K") and size[:-1].isdigit() and int(size[:-1]) % 1024 == 0:
+            return f"{level} {int(size[:-1]) // 1024} MiB"
+    return text
 
 
 def _version(distribution):
@@ -573,7 +577,7 @@ def render_history(result):
     """Geometric means of a run of the former tool (its JSON format)."""
     m, s = result["machine"], result["settings"]
     lines = [f"Measured {m['date'][:16]} on {m['cpu']} ({m['cores']} cores, "
-             f"{m['last_level_cache']}), {s['threads']} threads, cybn {m['cybn']}, "
+             f"{cache_text(m['last_level_cache'])}), {s['threads']} threads, cybn {m['cybn']}, "
              f"PyTorch {m['torch']}, min of {s['reps']} interleaved repetitions, "
              f"outputs preallocated; geometric means over ResNet-50's nine shapes at "
              f"batch 32 ({HISTORY_JSON.name}).", "",
@@ -597,7 +601,7 @@ def render(result, kind):
     s = result["settings"]
     rows = result["results"]
     caption = (f"Measured {result['date']} on {m['cpu']} ({m['cores']} cores, "
-               f"{m['last_level_cache']}), {s['threads']} threads for each library, "
+               f"{cache_text(m['last_level_cache'])}), {s['threads']} threads for each library, "
                f"{', '.join(s['dtypes'])}, median of {s['reps']} interleaved repetitions; "
                f"reproduce with `{DOCS_COMMAND}`.")
     speed = [("vs PyTorch", "r", lambda r: format_ratio(r["vs_torch"])),
