@@ -29,6 +29,7 @@ def compare():
 
 
 def run_compare(tmp_path, *extra):
+    pytest.importorskip("matplotlib", reason="the chart needs pip install 'cybn[bench]'")
     json_path, png_path = tmp_path / "compare.json", tmp_path / "compare.png"
     cmd = [sys.executable, str(COMPARE), "--shapes", "2x8x4x4,4x16x8x8", "--reps", "2",
            "--warmup", "1", "--min-time", "0.001", "--quiet", "--json", str(json_path),
@@ -46,6 +47,8 @@ def check_timing(t):
 
 @pytest.mark.slow
 def test_compare_against_torch_and_jax(tmp_path):
+    pytest.importorskip("torch", reason="pip install 'cybn[torch]'")
+    pytest.importorskip("jax", reason="pip install 'cybn[bench]'")
     out, result = run_compare(tmp_path, "--dtype", "both", "--threads", "2",
                               "--target", "eval:torch=0.001", "--target", "train:jax=1e9")
     lines = out.splitlines()
@@ -118,8 +121,8 @@ def test_parse_shapes_and_targets(compare):
 def test_compared_calls_compute_batch_norm(compare, dtype):
     """Every timed function, cybn's, torch's (both forms), JAX's and the
     reference's, computes batch norm on the same data."""
-    import torch
-
+    torch = pytest.importorskip("torch", reason="pip install 'cybn[torch]'")
+    pytest.importorskip("jax", reason="pip install 'cybn[bench]'")
     jax = compare._import_jax(2, ["float64"])
     case = compare.Case((4, 3, 5, 5), dtype)
     tol = 1e-4 if dtype == np.float32 else 1e-10

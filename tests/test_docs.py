@@ -84,6 +84,7 @@ def test_code_block_runs(mark, code, tmp_path):
     if mark is None:
         command = [sys.executable, str(script)]
     else:
+        pytest.importorskip("mpi4py", reason="pip install 'cybn[mpi]'")
         n = int(re.fullmatch(r"mpiexec -n (\d+)", mark)[1])
         version = subprocess.run([find_mpiexec(), "--version"], capture_output=True,
                                  text=True, timeout=30).stdout
