@@ -33,6 +33,7 @@ suite checks that the committed tables are what DOCS_JSON renders.
 The module defines no names asv would take for benchmarks (time_*, track_*).
 """
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib.metadata
@@ -418,35 +419,34 @@ def run(shapes, dtypes, threads, reps=7, warmup=2, min_time=0.01, use_torch=True
     return result
 
 
+def _faster_torch_form(times):
+    """PyTorch's faster form (by median), its summary marked with the form."""
+    forms = {form: _summary(times[f"torch_{form}"]) for form in ("default", "out")}
+    form = min(forms, key=lambda f: forms[f]["median"])
+    return dict(forms[form], form=form)
+
+
 def _measure_case(case, reps, warmup, min_time, torch, jax, use_numpy):
-    cybn_fns = case.cybn_fns()
-    torch_fns = case.torch_fns(torch) if torch is not None else None
-    jax_fns = case.jax_fns(jax) if jax is not None else None
-    numpy_fns = case.numpy_fns() if use_numpy else None
+    """One row per operation: every implementation's times, side by side."""
+    fns_by_name = {"cybn": case.cybn_fns()}
+    if torch is not None:
+        torch_fns = case.torch_fns(torch)
+        fns_by_name["torch_default"] = {op: torch_fns[op]["default"] for op in OPS}
+        fns_by_name["torch_out"] = {op: torch_fns[op]["out"] for op in OPS}
+    if jax is not None:
+        fns_by_name["jax"] = case.jax_fns(jax)
+    if use_numpy:
+        fns_by_name["numpy"] = case.numpy_fns()
     rows = []
     for op in OPS:
-        fns = {"cybn": cybn_fns[op]}
-        if torch_fns is not None:
-            fns["torch_default"] = torch_fns[op]["default"]
-            fns["torch_out"] = torch_fns[op]["out"]
-        if jax_fns is not None:
-            fns["jax"] = jax_fns[op]
-        if numpy_fns is not None:
-            fns["numpy"] = numpy_fns[op]
-        if torch is not None:
-            with torch.inference_mode():
-                times = measure_interleaved(fns, reps, warmup, min_time)
-        else:
+        fns = {name: by_op[op] for name, by_op in fns_by_name.items()}
+        with torch.inference_mode() if torch is not None else contextlib.nullcontext():
             times = measure_interleaved(fns, reps, warmup, min_time)
         row = {"shape": list(case.shape), "dtype": case.dtype.name, "op": op,
-               "cybn": _summary(times["cybn"])}
-        if torch is not None:
-            default, out = _summary(times["torch_default"]), _summary(times["torch_out"])
-            row["torch"] = default if default["median"] <= out["median"] else out
-            row["torch"]["form"] = "default" if row["torch"] is default else "out"
-        row["jax"] = _summary(times["jax"]) if jax is not None else None
-        row.setdefault("torch", None)
-        row["numpy"] = _summary(times["numpy"]) if use_numpy else None
+               "cybn": _summary(times["cybn"]),
+               "torch": _faster_torch_form(times) if torch is not None else None,
+               "jax": _summary(times["jax"]) if jax is not None else None,
+               "numpy": _summary(times["numpy"]) if use_numpy else None}
         for other in OTHERS:
             row[f"vs_{other}"] = (row[other]["median"] / row["cybn"]["median"]
                                   if row[other] is not None else None)
