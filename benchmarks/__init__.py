@@ -6,7 +6,7 @@ count.  Only cybn's public API is used, so the suite can run against every
 commit of the history.
 
 Parameters of every benchmark: dtype, shape (written NxCxHxW, a subset of the
-shapes of `python -m cybn.bench`) and threads (1 and all available cores, set
+shapes of `benchmarks/compare.py`) and threads (1 and all available cores, set
 with threadpoolctl for cybn's OpenMP kernels).
 
 The environment variable CYBN_ASV_SHAPES (e.g. "2x8x4x4,64x2048") replaces
@@ -92,6 +92,9 @@ class Benchmark:
     params = [DTYPES, SHAPES, THREADS]
     param_names = ["dtype", "shape", "threads"]
     timeout = 300
+    # asv calls teardown() also after a setup() that raised NotImplementedError
+    # (a skip): teardown must not depend on setup having run.
+    _limits = None
 
     def setup(self, dtype, shape, threads):
         self._limits = None
@@ -102,6 +105,6 @@ class Benchmark:
         self.data = Data(dtype, shape)
 
     def teardown(self, dtype, shape, threads):
-        if self._limits is not None:
+        if getattr(self, "_limits", None) is not None:
             self._limits.restore_original_limits()
             self._limits = None

@@ -2,13 +2,18 @@
 
 aten.native_batch_norm and aten.native_batch_norm_backward under
 torch.inference_mode with torch.set_num_threads(threads), all cores only:
-the comparison is at equal thread counts (`python -m cybn.bench --threads 1`
-gives the one-thread comparison).  time_* call the .out overloads
+the comparison is at equal thread counts (`python benchmarks/compare.py
+--threads 1` gives the one-thread comparison).  time_* call the .out overloads
 (preallocated outputs, as cybn's benchmarks do); track_speedup_* time cybn
 and both of torch's forms (default and .out) side by side in one process and
 report the time of torch's faster form over cybn's.
 
-Skipped (setup raises NotImplementedError) when torch is not installed.
+Skipped (setup raises NotImplementedError) when torch is not installed, as
+in the virtualenv environments of a history run: asv.conf.json leaves torch
+out of the matrix, because the history tracks cybn's own speed and a 200 MB
+torch in every environment would only add the comparison that
+benchmarks/compare.py makes.  `asv run --python=same` in an environment with
+torch includes this suite.
 torch is imported in setup rather than with the module, so that the other
 modules' benchmarks (peakmem_* above all) never carry it, whatever asv's
 launch method.  With asv's default launch method (a fresh interpreter per

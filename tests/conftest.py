@@ -88,3 +88,22 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("CI") == "true" and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} was skipped in CI ({report.longrepr}); install cybn[test]"
+
+
+# Tests that take more than about 5 s, marked here by node id so that the
+# test modules themselves stay as they are; `-m "not slow"` leaves them out.
+SLOW_TESTS = {
+    "test_edge_cases.py::test_in_place_past_2_to_the_31_elements",
+    "test_threads.py::test_python_threads_get_the_serial_results",
+    "test_threads.py::test_results_are_bitwise_identical_for_any_thread_count"
+    "[float32-(160, 1024, 8, 8)]",
+    "test_threads.py::test_results_are_bitwise_identical_for_any_thread_count"
+    "[float64-(160, 1024, 8, 8)]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.nodeid.split("/")[-1]
+        if name in SLOW_TESTS or name.split("[")[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

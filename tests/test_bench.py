@@ -1,178 +1,180 @@
-"""Smoke tests of the benchmark tool `python -m cybn.bench`.
+"""The benchmark tools in benchmarks/: the comparison (compare.py) and the
+asv suite's torch benchmarks when torch is missing.
 
-They run it on tiny shapes and check the structure of what it prints and
-writes; no timing is ever judged here.
+The smoke runs check the structure of what the comparison prints and
+writes on tiny shapes; no timing is ever judged here.
 """
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cybn import bench, reference
+from cybn import reference
 
-HAVE_TORCH = importlib.util.find_spec("torch") is not None
-
-TINY = "2x8x4x4,4x16x8x8"
-TINY_SHAPES = [[2, 8, 4, 4], [4, 16, 8, 8]]
-ROW_KEYS = {
-    "shape", "set", "dtype", "op", "channels", "cybn", "torch", "numpy", "speedup_torch",
-    "speedup_numpy", "bytes", "gbps", "fraction_of_limit", "ratio_to_eval",
-    "peak_extra_bytes", "peak_limit_bytes",
-}
+ROOT = Path(__file__).resolve().parents[1]
+COMPARE = ROOT / "benchmarks" / "compare.py"
 
 
-def run_bench(tmp_path, *extra):
-    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
-    cmd = [sys.executable, "-m", "cybn.bench", "--quick", "--shapes", TINY, "--reps", "2",
-           "--warmup", "1", "--bandwidth-mib", "16", "--quiet",
-           "--json", str(json_path), "--png", str(png_path), *extra]
+@pytest.fixture(scope="module")
+def compare():
+    sys.path.insert(0, str(ROOT))
+    try:
+        return importlib.import_module("benchmarks.compare")
+    finally:
+        sys.path.remove(str(ROOT))
+
+
+def run_compare(tmp_path, *extra):
+    pytest.importorskip("matplotlib", reason="the chart needs pip install 'cybn[bench]'")
+    json_path, png_path = tmp_path / "compare.json", tmp_path / "compare.png"
+    cmd = [sys.executable, str(COMPARE), "--shapes", "2x8x4x4,4x16x8x8", "--reps", "2",
+           "--warmup", "1", "--min-time", "0.001", "--quiet", "--json", str(json_path),
+           "--png", str(png_path), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    with open(json_path, encoding="utf-8") as f:
-        result = json.load(f)
     with open(png_path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    return proc.stdout, result
+    return proc.stdout, json.loads(json_path.read_text(encoding="utf-8"))
 
 
 def check_timing(t):
-    assert t["min"] > 0 and t["median"] >= t["min"]
-    assert t["calls_per_rep"] >= 1 and len(t["times"]) == 2
+    assert 0 < t["min"] <= t["median"] and len(t["times"]) == 2
 
 
-def test_bench_default(tmp_path):
-    out, result = run_bench(tmp_path)
-
+@pytest.mark.slow
+def test_compare_against_torch_and_jax(tmp_path):
+    pytest.importorskip("torch", reason="pip install 'cybn[torch]'")
+    pytest.importorskip("jax", reason="pip install 'cybn[bench]'")
+    out, result = run_compare(tmp_path, "--dtype", "both", "--threads", "2",
+                              "--target", "eval:torch=0.001", "--target", "train:jax=1e9")
     lines = out.splitlines()
-    assert lines[0].startswith("cybn benchmark: ")
-    assert "memory bandwidth limit:" in out and "GB/s" in out
-    for header in ("shape", "op", "cybn min", "cybn med", "torch min", "numpy min",
-                   "vs torch", "vs numpy", "limit", "/eval", "extra mem"):
-        assert header in out
-    for text in ("2x8x4x4", "4x16x8x8", "float32", "float64", "train", "eval", "backward",
-                 "geometric means", "targets"):
+    assert lines[0].startswith("cybn compared with PyTorch, JAX/XLA and NumPy")
+    assert max(len(line) for line in lines) <= 100
+    assert "issue" not in out.lower()
+    for text in ("shape", "vs torch", "vs jax", "2x8x4x4", "4x16x8x8", "float64", "backward",
+                 "geometric means"):
         assert text in out
-
-    machine = result["machine"]
-    for key in ("cpu", "cores", "threads", "cybn_threads", "python", "numpy", "cybn", "torch"):
-        assert key in machine
-    assert machine["threads"] == bench.available_cores()
-    assert machine["cybn_threads"] >= 1  # equal to threads unless built without OpenMP
-    assert result["bandwidth"]["gbps"] > 0 and result["bandwidth"]["method"]
     settings = result["settings"]
-    assert settings["shapes"] == TINY_SHAPES
-    assert settings["dtypes"] == ["float32", "float64"]
-    assert settings["reps"] == 2 and settings["quick"] is True
-    assert settings["torch"] is HAVE_TORCH
-
+    assert settings["shapes"] == [[2, 8, 4, 4], [4, 16, 8, 8]] and settings["threads"] == 2
+    assert settings["torch"] is True and settings["jax"] is True and settings["numpy"] is False
+    assert result["machine"]["threads"] == 2 and result["machine"]["versions"]["jax"]
     rows = result["results"]
-    assert len(rows) == 2 * 2 * 3
     assert {(r["dtype"], tuple(r["shape"]), r["op"]) for r in rows} == {
-        (d, tuple(s), op) for d in ("float32", "float64") for s in TINY_SHAPES
+        (d, s, op) for d in ("float32", "float64") for s in ((2, 8, 4, 4), (4, 16, 8, 8))
         for op in ("train", "eval", "backward")}
     for r in rows:
-        assert set(r) >= ROW_KEYS
-        check_timing(r["cybn"])
-        check_timing(r["numpy"])  # tiny shapes: the reference is always timed
-        assert r["speedup_numpy"] > 0
-        if HAVE_TORCH:
-            check_timing(r["torch"])
-            assert r["torch"]["variant"] in ("default", "out")
-            assert r["torch"]["min"] == min(r["torch"]["default_min"], r["torch"]["out_min"])
-            assert r["speedup_torch"] == pytest.approx(r["torch"]["min"] / r["cybn"]["min"])
-        else:
-            assert r["torch"] is None and r["speedup_torch"] is None
-        assert r["set"] == ("overhead" if r["shape"] == [2, 8, 4, 4] else "custom")
-        n = int(np.prod(r["shape"])) * np.dtype(r["dtype"]).itemsize
-        assert r["bytes"] == (3 if r["op"] == "backward" else 2) * n
-        assert r["gbps"] > 0 and r["fraction_of_limit"] > 0 and r["ratio_to_eval"] > 0
-        assert r["peak_extra_bytes"] >= 0 and r["peak_limit_bytes"] > 0
-    for r in rows:
-        if r["op"] == "eval":
-            assert r["ratio_to_eval"] == 1.0
-
-    assert set(result["summary"]) == {"float32", "float64"}
-    assert result["summary"]["float32"]["n_shapes"] == 0  # no ResNet-50 shape here
-    targets = result["targets"]
-    assert targets and all(t["passed"] in (True, False, None) for t in targets)
-    assert all({"name", "dtype", "passed", "detail"} <= set(t) for t in targets)
+        for name in ("cybn", "torch", "jax"):
+            check_timing(r[name])
+        assert r["torch"]["form"] in ("default", "out")
+        assert r["vs_torch"] == pytest.approx(r["torch"]["median"] / r["cybn"]["median"])
+        assert r["vs_jax"] == pytest.approx(r["jax"]["median"] / r["cybn"]["median"])
+        assert r["numpy"] is None and r["vs_numpy"] is None
+    eval_target, jax_target = result["targets"]
+    assert eval_target["passed"] is True and eval_target["lowest"] == min(
+        r["vs_torch"] for r in rows if r["op"] == "eval")
+    assert jax_target["passed"] is False
+    assert "target eval vs torch >= 0.001x on every shape: PASS" in out
 
 
-def test_bench_without_torch_or_numpy(tmp_path):
-    out, result = run_bench(tmp_path, "--no-torch", "--no-numpy", "--dtype", "float64",
-                            "--threads", "1")
+@pytest.mark.slow
+def test_compare_cybn_and_numpy_only(tmp_path):
+    out, result = run_compare(tmp_path, "--no-torch", "--no-jax", "--numpy", "--threads", "1",
+                              "--target", "train:torch=1")
     assert "n/a" in out
-    assert result["machine"]["threads"] == result["machine"]["cybn_threads"] == 1
-    assert result["settings"]["dtypes"] == ["float64"]
-    assert result["settings"]["numpy_reference"].startswith("skipped")
+    assert result["settings"]["torch"] is False and result["settings"]["jax"] is False
     assert len(result["results"]) == 2 * 3
     for r in result["results"]:
-        assert r["torch"] is None and r["numpy"] is None
-        assert r["speedup_torch"] is None and r["speedup_numpy"] is None
+        assert r["torch"] is None and r["jax"] is None and r["vs_torch"] is None
         check_timing(r["cybn"])
+        check_timing(r["numpy"])
+        assert r["vs_numpy"] > 0
+    assert result["targets"][0]["passed"] is None  # torch was not run: no verdict
 
 
 @pytest.mark.parametrize("text", ["", "32x", "0x4", "5", "2x3x4x5x6x7", "1x3", "ax3"])
-def test_bench_rejects_bad_shapes(text, capsys):
+def test_compare_rejects_bad_shapes(compare, text, capsys):
     with pytest.raises(SystemExit) as info:
-        bench.main(["--shapes", text])
+        compare.main(["--shapes", text])
     assert info.value.code == 2
     assert "shape" in capsys.readouterr().err
 
 
-def test_parse_shapes():
-    assert bench.parse_shapes("32x64x56x56, 64x2048") == [(32, 64, 56, 56), (64, 2048)]
-    assert bench.shape_set((32, 64, 112, 112)) == "resnet50"
-    assert bench.shape_set((64, 2048)) == "wide"
-    assert bench.shape_set((2, 8, 4, 4)) == "overhead"
-    assert bench.shape_set((3, 5, 7)) == "custom"
+@pytest.mark.parametrize("text", ["train", "train:torch", "fit:torch=2", "train:mxnet=2",
+                                  "train:torch=0", "train:torch=x"])
+def test_compare_rejects_bad_targets(compare, text, capsys):
+    with pytest.raises(SystemExit) as info:
+        compare.main(["--target", text])
+    assert info.value.code == 2
+    assert "target" in capsys.readouterr().err
+
+
+def test_parse_shapes_and_targets(compare):
+    assert compare.parse_shapes("32x64x56x56, 64x2048") == [(32, 64, 56, 56), (64, 2048)]
+    assert compare.parse_target("backward:jax=1.5") == ("backward", "jax", 1.5)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_benchmarked_calls_compute_batch_norm(dtype):
-    """The functions the tool times, cybn's and torch's (when installed),
-    compute what they claim to, on the same data."""
-    case = bench.Case((4, 3, 5, 5), dtype)
+def test_compared_calls_compute_batch_norm(compare, dtype):
+    """Every timed function, cybn's, torch's (both forms), JAX's and the
+    reference's, computes batch norm on the same data."""
+    torch = pytest.importorskip("torch", reason="pip install 'cybn[torch]'")
+    pytest.importorskip("jax", reason="pip install 'cybn[bench]'")
+    jax = compare._import_jax(2, ["float64"])
+    case = compare.Case((4, 3, 5, 5), dtype)
     tol = 1e-4 if dtype == np.float32 else 1e-10
     rm0, rv0 = case.running_mean.copy(), case.running_var.copy()
     expected = {
-        "train": reference.forward_train(case.x, case.weight, case.bias, rm0, rv0,
-                                         bench.MOMENTUM, bench.EPS)[0],
-        "eval": reference.forward_eval(case.x, rm0, rv0, case.weight, case.bias, bench.EPS),
+        "train": reference.forward_train(case.x, case.weight, case.bias, rm0.copy(), rv0.copy(),
+                                         compare.MOMENTUM, compare.EPS)[0],
+        "eval": reference.forward_eval(case.x, rm0, rv0, case.weight, case.bias, compare.EPS),
         "backward": reference.backward(case.dy, case.x, case.mean, case.invstd,
                                        case.weight, True)[0],
     }
-    for op, fn in case.cybn_fns().items():
-        np.testing.assert_allclose(fn()[0] if op != "eval" else fn(), expected[op],
-                                   rtol=tol, atol=tol, err_msg=f"cybn {op}")
-    if HAVE_TORCH:
-        import torch
-        with torch.inference_mode():
-            for op, forms in case.torch_fns(torch).items():
-                for form, fn in forms.items():
-                    np.testing.assert_allclose(fn()[0].numpy(), expected[op], rtol=tol,
-                                               atol=tol, err_msg=f"torch {op} {form}")
+    # cybn and torch's .out forms write into the same preallocated array: copies.
+    results = {f"cybn {op}": fn().copy() for op, fn in case.cybn_fns().items()}
+    with torch.inference_mode():
+        for op, forms in case.torch_fns(torch).items():
+            for form, fn in forms.items():
+                results[f"torch {form} {op}"] = fn().numpy().copy()
+    for op, fn in case.jax_fns(jax).items():
+        results[f"jax {op}"] = np.asarray(fn())
+    for op, fn in case.numpy_fns().items():
+        results[f"numpy {op}"] = fn()
+    assert len(results) == 15
+    for name, value in results.items():
+        np.testing.assert_allclose(value, expected[name.split()[-1]], rtol=tol, atol=tol,
+                                   err_msg=name)
+        assert value.dtype == (np.float64 if name.startswith("numpy") else dtype), name
 
 
-def test_bench_fusions(tmp_path):
-    """--fusions: the fused ReLU/residual and channels-last table (a smoke test)."""
-    json_path = tmp_path / "fusions.json"
-    cmd = [sys.executable, "-m", "cybn.bench", "--fusions", "--shapes", "2x8x4x4,3x16x8x8",
-           "--reps", "2", "--warmup", "1", "--quiet", "--dtype", "float32",
-           "--json", str(json_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    for header in ("fwd relu/plain", "bwd separate/add+relu", "CL train vs torch"):
-        assert header in proc.stdout
-    with open(json_path, encoding="utf-8") as f:
-        result = json.load(f)
-    rows = result["rows"]
-    assert [r["shape"] for r in rows] == [[2, 8, 4, 4], [3, 16, 8, 8]]
-    for row in rows:
-        for op in ("forward", "backward"):
-            assert set(row[op]) == {"plain", "relu", "add+relu", "separate"}
-            assert all(t > 0 for t in row[op].values())
-        assert {"cybn", "torch"} <= set(row["channels_last_train"])
+def test_replace_table_between_markers(compare):
+    start, end = compare._markers("summary")
+    text = f"before\n{start}\nold\nrows\n{end}\nafter\n"
+    assert compare.replace_table(text, "summary", "| new |") == (
+        f"before\n{start}\n| new |\n{end}\nafter\n")
+    with pytest.raises(ValueError, match="markers"):
+        compare.replace_table("no markers here", "summary", "| new |")
+
+
+def test_asv_torch_suite_skips_cleanly_without_torch(monkeypatch):
+    """asv calls teardown after a setup that skipped (NotImplementedError);
+    in a history run torch is not installed, and teardown must not raise."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        bench_torch = importlib.import_module("benchmarks.bench_torch")
+    finally:
+        sys.path.remove(str(ROOT))
+
+    def missing():
+        raise NotImplementedError("torch is not installed")
+
+    monkeypatch.setattr(bench_torch, "_import_torch", missing)
+    suite = bench_torch.Torch()
+    with pytest.raises(NotImplementedError, match="torch is not installed"):
+        suite.setup("float32", "2x8x4x4", 1)
+    assert suite.teardown("float32", "2x8x4x4", 1) is None
+    assert suite._limits is None and getattr(suite, "_mode", None) is None

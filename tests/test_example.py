@@ -121,11 +121,11 @@ def test_whole_network_gradients(td, use_bn):
                                                rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_quick_training_run(td, tmp_path):
-    # The example's own dependencies, part of cybn[test]: missing, this fails.
-    import matplotlib  # noqa: F401
-    import sklearn  # noqa: F401
-    import tqdm  # noqa: F401
+    # The example's own dependencies (cybn[examples]); in CI a skip fails.
+    for module in ("matplotlib", "sklearn", "tqdm"):
+        pytest.importorskip(module, reason="pip install 'cybn[examples]'")
 
     out = tmp_path / "curves.png"
     # One thread for BLAS and OpenMP: this checks that the example trains, not
