@@ -25,6 +25,7 @@ def forward_train(
     axis: int = 1,
     residual: FloatArray | None = None,
     activation: Activation = None,
+    stats_dtype: type[np.floating[Any]] | np.dtype[np.floating[Any]] | str | None = None,
 ) -> tuple[FloatArray, FloatArray, FloatArray]: ...
 def forward_eval(
     x: FloatArray,

@@ -3,6 +3,7 @@ import os
 import platform
 import re
 import sys
+from typing import IO, Any
 
 import numpy as np
 
@@ -14,14 +15,14 @@ FALLBACK_CACHES = {"L2": 1 << 20, "L3": 32 << 20}
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
-def _bytes(text, where):
+def _bytes(text: str, where: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", text, re.I)
     if not match or int(match.group(1)) <= 0:
         raise ValueError(f"{where}: expected a positive size such as 1M or 262144, got {text!r}")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
-def _from_environment():
+def _from_environment() -> dict[str, int] | None:
     text = os.environ.get("CYBN_CACHE_SIZES", "").strip()
     if not text:
         return None
@@ -35,8 +36,8 @@ def _from_environment():
     return sizes
 
 
-def _from_sysconf():
-    sizes = {}
+def _from_sysconf() -> dict[str, int]:
+    sizes: dict[str, int] = {}
     for level in FALLBACK_CACHES:
         name = f"SC_LEVEL{level[1]}_CACHE_SIZE"
         if name in os.sysconf_names:
@@ -49,8 +50,8 @@ def _from_sysconf():
     return sizes
 
 
-def _from_sysfs(root="/sys/devices/system/cpu/cpu0/cache"):
-    sizes = {}
+def _from_sysfs(root: str = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
+    sizes: dict[str, int] = {}
     try:
         entries = sorted(os.listdir(root))
     except OSError:
@@ -70,7 +71,7 @@ def _from_sysfs(root="/sys/devices/system/cpu/cpu0/cache"):
     return sizes
 
 
-def cache_sizes():
+def cache_sizes() -> dict[str, Any]:
     """The L2 and L3 cache sizes in bytes of the CPU this process runs on, and
     where each came from: {"L2": bytes, "L3": bytes, "source": {...}}.
 
@@ -78,8 +79,8 @@ def cache_sizes():
     e.g. "L2=1M,L3=256M"), os.sysconf, Linux's /sys/devices/system/cpu/cpu0,
     then FALLBACK_CACHES.  A virtual machine may report its host's sizes.
     """
-    found = {"L2": None, "L3": None}
-    source = {}
+    found: dict[str, int | None] = {"L2": None, "L3": None}
+    source: dict[str, str] = {}
     for name, sizes in (("CYBN_CACHE_SIZES", _from_environment()), ("sysconf", _from_sysconf()),
                         ("sysfs", _from_sysfs())):
         for level, size in (sizes or {}).items():
@@ -91,11 +92,11 @@ def cache_sizes():
     return {**found, "source": source}
 
 
-def _size_text(n):
+def _size_text(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10} KiB"
 
 
-def show_config(file=None):
+def show_config(file: IO[str] | None = None) -> None:
     """Print cybn's version and build, the CPU features its kernels use, the
     thread count and the cache sizes, like numpy.show_config()."""
     from . import __version__, _kernels

@@ -1,6 +1,7 @@
 """The public API used with its types; CI runs `mypy --strict` on this file
 (tests/test_typing.py), against the stubs shipped with the package.  It is
 also an ordinary script that runs."""
+import io
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,9 @@ def main() -> None:
     restored.eval()
     w, b = cybn.fold_batch_norm(np.ones((4, 6)), None, restored)
     threads: int = cybn.max_threads()
+    y_full, mean_full, invstd_full = cybn.forward_train(x, stats_dtype=np.float64)
+    cybn.backward(np.ones_like(y_full), x, mean_full, invstd_full)
+    cybn.show_config(file=io.StringIO())
     version: str = cybn.__version__
     assert y.shape == dx.shape == y_eval.shape == normalized.shape == grad.shape
     assert dweight.shape == dbias.shape == (4,) and w.shape == (4, 6) and b.shape == (4,)
