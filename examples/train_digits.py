@@ -22,11 +22,21 @@ accuracy after every epoch, a summary table, checks that a BN model survives a
 ``state_dict`` round trip through an ``.npz`` file, and writes the curves of
 every run to a PNG.
 
+``--variants`` instead compares plain batch norm with the two variants of
+docs/variants.md, in pairs that differ only in the variant:
+
+* batch renormalization (``renorm=True``, rmax and dmax raised from 1 and 0
+  during training, as in Ioffe 2017) at batch size 4,
+* batch renormalization with non-i.i.d. batches of 16, each drawn from only
+  two classes,
+* ghost batches of 32 (``ghost_batch_size=32``) at batch size 512.
+
 Usage::
 
     python examples/train_digits.py                 # default: 15 epochs
     python examples/train_digits.py --quick         # 3 epochs, for a smoke test
     python examples/train_digits.py --epochs 30 --seed 1 --out curves.png
+    python examples/train_digits.py --variants      # the variants, 15 epochs
 
 Needs: numpy, cybn, scikit-learn, matplotlib, tqdm.
 """
@@ -166,7 +176,7 @@ class DigitsNet:
     CHANNELS = (1, 16, 32)
     NUM_CLASSES = 10
 
-    def __init__(self, use_bn, rng, init_scale=1.0, dtype=DTYPE):
+    def __init__(self, use_bn, rng, init_scale=1.0, dtype=DTYPE, bn_options=None):
         self.use_bn = use_bn
         self.params = {}
         self.bns = []
@@ -179,7 +189,7 @@ class DigitsNet:
             if use_bn:
                 # BN subtracts the per-channel mean, so a conv bias would be
                 # cancelled out; BN's own ``bias`` plays that role instead.
-                self.bns.append(cybn.BatchNorm2d(cout, dtype=dtype))
+                self.bns.append(cybn.BatchNorm2d(cout, dtype=dtype, **(bn_options or {})))
             else:
                 self.params[f"conv{i + 1}.b"] = np.zeros(cout, dtype=dtype)
         d = self.CHANNELS[-1] * 2 * 2
@@ -320,30 +330,72 @@ def evaluate(model, x, y, batch_size=512):
     return sum(losses) / len(x), correct / len(x)
 
 
+def batch_indices(rng, labels, batch_size, kind="iid"):
+    """One epoch's batches, as arrays of indices.
+
+    "iid": a random permutation cut into batches (the last one may be
+    smaller).  "iid-full": the same without the partial last batch (ghost
+    batches need N to be a multiple of their size).  "two-class": non-i.i.d.
+    batches, each drawn from only two classes: the classes are paired at
+    random, each pair's samples shuffled and cut into full batches, and the
+    batches of all pairs shuffled together.
+    """
+    if kind in ("iid", "iid-full"):
+        order = rng.permutation(len(labels))
+        end = len(order) - len(order) % batch_size if kind == "iid-full" else len(order)
+        return [order[s:s + batch_size] for s in range(0, end, batch_size)]
+    if kind != "two-class":
+        raise ValueError(f"unknown batch kind {kind!r}")
+    classes = rng.permutation(np.unique(labels))
+    batches = []
+    for a, b in zip(classes[0::2], classes[1::2]):
+        pool = rng.permutation(np.flatnonzero((labels == a) | (labels == b)))
+        batches += [pool[s:s + batch_size] for s in range(0, len(pool) - batch_size + 1,
+                                                           batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def renorm_limits(step, total_steps):
+    """rmax and dmax at ``step``: 1 and 0 for the first 5% of the steps, then
+    raised linearly to 3 and 5 by 50% of the steps.  Ioffe (2017) keeps them at
+    1 and 0 for 5k steps and reaches 3 and 5 after 40k and 25k of 160k steps;
+    this is that schedule fitted to a short run."""
+    t = min(max((step / total_steps - 0.05) / 0.45, 0.0), 1.0)
+    return 1.0 + 2.0 * t, 5.0 * t
+
+
 def train_run(cfg, data, epochs, seed, batch_size, progress=True):
-    """Train one configuration; returns its per-epoch history and the model."""
+    """Train one configuration; returns its per-epoch history and the model.
+
+    cfg: name, bn, lr, init_scale, and optionally bn_options (for
+    cybn.BatchNorm2d: renorm, ghost_batch_size), batch_size (overrides the
+    argument) and batches (see batch_indices)."""
     from tqdm import tqdm
 
     x_tr, x_te, y_tr, y_te = data
+    batch_size = cfg.get("batch_size", batch_size)
+    kind = cfg.get("batches", "iid")
+    bn_options = cfg.get("bn_options") or {}
     # The same seed for every run: all runs start from the same random draw
     # (up to init_scale) and see the batches in the same order.
     rng = np.random.default_rng(seed)
-    model = DigitsNet(cfg["bn"], rng, init_scale=cfg["init_scale"])
+    model = DigitsNet(cfg["bn"], rng, init_scale=cfg["init_scale"], bn_options=bn_options)
     opt = SGD(model, cfg["lr"])
     model.train()
 
     hist = {"train_loss": [], "test_loss": [], "test_acc": []}
-    n_batches = -(-len(x_tr) // batch_size)
+    n_batches = len(batch_indices(np.random.default_rng(seed), y_tr, batch_size, kind))
     total_steps, step = epochs * n_batches, 0
     bar = tqdm(total=total_steps, desc=f"{cfg['name']:<18}", leave=True,
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     diverged = False
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        order = rng.permutation(len(x_tr))
         batch_losses = []
-        for s in range(0, len(x_tr), batch_size):
-            idx = order[s:s + batch_size]
+        for idx in batch_indices(rng, y_tr, batch_size, kind):
+            if bn_options.get("renorm"):
+                for bn in model.bns:  # the layers' attributes, changed between steps
+                    bn.rmax, bn.dmax = renorm_limits(step, total_steps)
             with np.errstate(over="ignore", invalid="ignore"):
                 logits = model.forward(x_tr[idx])
                 loss, dlogits = softmax_xent(logits, y_tr[idx])
@@ -374,6 +426,8 @@ def train_run(cfg, data, epochs, seed, batch_size, progress=True):
     bar.close()
     hist["seconds"] = time.perf_counter() - t0
     hist["diverged"] = diverged
+    if bn_options.get("renorm"):
+        hist["final_limits"] = (model.bns[0].rmax, model.bns[0].dmax)
     hist["final_acc"] = hist["test_acc"][-1]
     hist["final_loss"] = hist["test_loss"][-1]
     return hist, model
@@ -460,6 +514,90 @@ def plot(results, out):
     plt.close(fig)
 
 
+# The variants (docs/variants.md), each pair differing only in the variant.
+VARIANT_RUNS = [
+    # name,                    batch size, batches,     BatchNorm2d options,        lr
+    ("BN, batch 4", 4, "iid-full", {}, 0.01),
+    ("renorm, batch 4", 4, "iid-full", {"renorm": True}, 0.01),
+    ("BN, 2-class batches", 16, "two-class", {}, 0.05),
+    ("renorm, 2-class batches", 16, "two-class", {"renorm": True}, 0.05),
+    ("BN, batch 512", 512, "iid-full", {}, 0.4),
+    ("ghost 32, batch 512", 512, "iid-full", {"ghost_batch_size": 32}, 0.4),
+]
+# Batch 512 takes 2 steps per epoch: its runs get this many times the epochs.
+LARGE_BATCH_EPOCHS = 4
+
+
+def variant_epochs(batch_size, epochs):
+    return epochs * LARGE_BATCH_EPOCHS if batch_size >= 512 else epochs
+
+
+def print_variants_table(results):
+    print()
+    print("Batch-norm variants (test split, BN in evaluation mode with its running statistics):")
+    header = (f"| {'run':<24} | {'batch':>5} | {'batches':<9} | {'epochs':>6} | {'steps':>5} "
+              f"| {'test loss':>9} | {'test acc':>8} | {'best acc':>8} | {'time':>6} |")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for name, r in results.items():
+        cfg = r["config"]
+        loss = "diverged" if r["diverged"] else f"{r['final_loss']:.4g}"
+        best = max(a for a in r["test_acc"] if a == a)
+        print(f"| {name:<24} | {cfg['batch_size']:>5} | {cfg['batches']:<9} "
+              f"| {len(r['test_acc']):>6} | {r['steps']:>5} | {loss:>9} | {r['final_acc']:>8.1%} "
+              f"| {best:>8.1%} | {r['seconds']:>5.1f}s |")
+
+
+def plot_variants(results, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    pairs = [names[i:i + 2] for i in range(0, len(names), 2)]
+    fig, axes = plt.subplots(2, len(pairs), figsize=(4.5 * len(pairs), 7), squeeze=False)
+    for column, pair in enumerate(pairs):
+        ax_acc, ax_loss = axes[0][column], axes[1][column]
+        for name, style in zip(pair, ("--", "-")):
+            r = results[name]
+            ep = np.arange(1, len(r["test_acc"]) + 1)
+            ax_acc.plot(ep, np.asarray(r["test_acc"]) * 100, style, marker="o", ms=2,
+                        label=f"{name}: {r['final_acc']:.1%}")
+            ax_loss.plot(ep, r["test_loss"], style, marker="o", ms=2,
+                         label=f"{name}: {r['final_loss']:.3g}")
+        ax_acc.set_ylabel("test accuracy (%)")
+        ax_acc.set_ylim(0, 100)
+        ax_loss.set_ylabel("test loss")
+        ax_loss.set_yscale("log")
+        for ax in (ax_acc, ax_loss):
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right" if ax is ax_acc else "upper right", fontsize=8)
+    fig.suptitle("cybn.BatchNorm2d variants on sklearn digits (dashed: plain batch norm)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+def main_variants(args, data):
+    """Train VARIANT_RUNS; print their table and plot their curves."""
+    results = {}
+    for name, batch_size, batches, options, lr in VARIANT_RUNS:
+        cfg = {"name": name, "bn": True, "lr": lr, "init_scale": 1.0, "bn_options": options,
+               "batch_size": batch_size, "batches": batches}
+        epochs = variant_epochs(batch_size, args.epochs)
+        hist, _ = train_run(cfg, data, epochs, args.seed, batch_size,
+                            progress=not args.no_progress)
+        hist["config"] = cfg
+        hist["steps"] = epochs * len(batch_indices(np.random.default_rng(0), data[2],
+                                                   batch_size, batches))
+        results[name] = hist
+    print_variants_table(results)
+    plot_variants(results, args.out)
+    print(f"Curves written to {args.out}")
+    return results
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (default 15, or 3 with --quick)")
@@ -470,6 +608,8 @@ def parse_args(argv):
     ap.add_argument("--save-model", default=None, metavar="PATH.npz",
                     help="also keep the trained 'BN lr=0.05' model here (default: a temporary file)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    ap.add_argument("--variants", action="store_true",
+                    help="compare plain BN with batch renormalization and ghost batches instead")
     args = ap.parse_args(argv)
     if args.epochs is None:
         args.epochs = 3 if args.quick else 15
@@ -479,6 +619,11 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     data = load_data(args.seed)
+    if args.variants:
+        print(f"sklearn digits: {len(data[0])} train / {len(data[1])} test images, 8x8, "
+              f"float32; {args.epochs} epochs per run ({LARGE_BATCH_EPOCHS}x at batch 512), "
+              f"seed {args.seed}")
+        return main_variants(args, data)
     print(f"sklearn digits: {len(data[0])} train / {len(data[1])} test images, 8x8, float32; "
           f"{args.epochs} epochs per run, batch size {args.batch_size}, seed {args.seed}")
 
