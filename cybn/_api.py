@@ -547,7 +547,7 @@ def _statistics(x, axis, count, eps):
     var /= count
     with np.errstate(divide="ignore"):  # eps=0 and var=0: inf, as the kernels
         invstd = 1.0 / np.sqrt(var + eps)
-    if x.dtype == np.float64 and not np.isfinite(np.sum(var) + np.sum(mean)):
+    if x.dtype == np.float64 and not (_kernels.all_finite(mean) and _kernels.all_finite(var)):
         _rescue(x, axis, count, eps, mean, var, invstd)
     return mean, var, invstd
 
