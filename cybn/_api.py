@@ -464,10 +464,15 @@ def _renorm_corrections(mean, var, eps, running, limits):
     biased var (shape (C,) or (ghost batches, C)) and the running statistics."""
     running_mean, running_var = running
     rmax, dmax = limits
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # IEEE, as the kernels
+    with np.errstate(all="ignore"):  # IEEE results, as the kernels
         running_std = np.sqrt(running_var + eps)
-        r = np.clip(np.sqrt(var + eps) / running_std, 1.0 / rmax, rmax)
-        d = np.clip((mean - running_mean) / running_std, -dmax, dmax)
+        r = np.sqrt(var + eps)
+        r /= running_std
+        # np.maximum and np.minimum keep NaN, as np.clip does, at a fraction of its cost
+        np.minimum(np.maximum(r, 1.0 / rmax, out=r), rmax, out=r)
+        d = mean - running_mean
+        d /= running_std
+        np.minimum(np.maximum(d, -dmax, out=d), dmax, out=d)
     return r, d
 
 
@@ -499,18 +504,14 @@ def _train_step(x, weight, bias, eps, out, axis, residual, relu, count, running,
         np.copyto(out, y)
         y = out
     n_channels = x.shape[axis]
-    stacked = []
-    for i in range(1, 6):
-        rows = [p[i] for p in parts]
-        stacked.append(None if rows and rows[0] is None else
-                       np.array(rows, dtype=np.float64).reshape(n_ghosts, n_channels))
-    mean, var, invstd, r, d = stacked
-    if limits is None:
-        r = d = None
+    stacked = [np.array([p[i] for p in parts], dtype=np.float64).reshape(n_ghosts, n_channels)
+               for i in range(1, 4 if limits is None else 6)]
+    mean, var, invstd, r, d = stacked if limits is not None else stacked + [None, None]
     # The running statistics: means over the ghost batches, all of ghost_count
     # values, so that _update_running's m/(m-1) unbiases each one's variance.
-    update = (np.mean(mean, axis=0), np.mean(var, axis=0), ghost_count) if n_ghosts else (
-        None, None, 0)
+    # (np.mean's own arithmetic: a pairwise sum, then one division)
+    update = (np.add.reduce(mean, axis=0) / n_ghosts, np.add.reduce(var, axis=0) / n_ghosts,
+              ghost_count) if n_ghosts else (None, None, 0)
     return y, (mean, invstd, r, d), update
 
 
@@ -527,9 +528,11 @@ def _train_part(x, weight, bias, eps, out, axis, residual, relu, count, running,
     r, d = _renorm_corrections(mean, var, eps, running, limits)
     if count == 0:
         return _empty_result(x, out), mean, var, invstd, r, d
-    with np.errstate(invalid="ignore", over="ignore"):  # IEEE, as the kernels
-        scale = weight * r * invstd
-        shift = bias + weight * d
+    with np.errstate(all="ignore"):  # IEEE results, as the kernels
+        scale = weight * r
+        scale *= invstd
+        shift = weight * d
+        shift += bias
     y = _affine(x, mean, scale, shift, out, axis, residual, relu)
     return y, mean, var, invstd, r, d
 
@@ -567,6 +570,8 @@ def _new_like(x, axis):
     """A new array of x's shape (channels on axis) in a memory layout the
     kernels take as it is when they take x's: C order, or channels-last
     when x is.  Its slices along axis 0 keep that property."""
+    if axis == 1 and x.flags.c_contiguous:  # the common case, quickly
+        return np.empty(x.shape, x.dtype)
     x1 = _to_axis1(x, axis)
     layouts = _preferred_layouts(x1)
     layout = next((lay for lay in layouts if _kernel_view(x1, lay) is not None), layouts[0])
