@@ -93,7 +93,8 @@ class Variants(Benchmark):
         self.calls.backward_ghost()
 
 
-def cost_table(shapes, dtype="float32", repeats=15, statistic=np.median):
+def cost_table(shapes, dtype="float32", repeats=15, statistic=np.median,
+               clock=time.perf_counter):
     """Per shape, the median (or `statistic`) time of each call and its ratio
     to plain's, the calls interleaved; then the geometric means of the ratios."""
     names = ("forward_plain", "forward_renorm", "forward_ghost",
@@ -108,9 +109,9 @@ def cost_table(shapes, dtype="float32", repeats=15, statistic=np.median):
         times = {n: [] for n in names}
         for _ in range(repeats):
             for n, f in zip(names, functions):
-                start = time.perf_counter()
+                start = clock()
                 f()
-                times[n].append(time.perf_counter() - start)
+                times[n].append(clock() - start)
         median = {n: float(statistic(t)) for n, t in times.items()}
         cells = []
         for n in names:
@@ -133,6 +134,9 @@ def main(argv=None):
                         help="OpenMP threads (threadpoolctl; default: cybn's default)")
     parser.add_argument("--statistic", choices=("median", "min"), default="median",
                         help="min: the fastest run, robust to other processes on the cores")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the process's CPU time (with --threads 1, the work done, "
+                             "whatever else runs on the cores)")
     args = parser.parse_args(argv)
     limits = None
     if args.threads is not None:
@@ -140,10 +144,12 @@ def main(argv=None):
         limits = threadpool_limits(limits=args.threads, user_api="openmp")
     try:
         print(f"cybn {cybn.__version__}, {cybn.max_threads()} threads, {args.dtype}, "
-              f"{args.statistic} of {args.repeats} interleaved runs, ms (ratio to plain); "
+              f"{args.statistic} of {args.repeats} interleaved runs, {args.clock} ms "
+              f"(ratio to plain); "
               f"renorm={RENORM}, ghost batches of 8")
         print(cost_table(RESNET50_SHAPES, args.dtype, args.repeats,
-                         np.median if args.statistic == "median" else np.min))
+                         np.median if args.statistic == "median" else np.min,
+                         time.perf_counter if args.clock == "wall" else time.process_time))
     finally:
         if limits is not None:
             limits.restore_original_limits()
