@@ -24,6 +24,10 @@ class BatchNorm:
     running_mean: FloatArray | None
     running_var: FloatArray | None
     num_batches_tracked: int | None
+    renorm: bool
+    rmax: float
+    dmax: float
+    ghost_batch_size: int | None
     def __init__(
         self,
         num_features: int,
@@ -34,6 +38,11 @@ class BatchNorm:
         dtype: DTypeLike = np.float32,
         axis: int = 1,
         activation: Activation = None,
+        *,
+        renorm: bool = False,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        ghost_batch_size: int | None = None,
     ) -> None: ...
     def train(self, mode: bool = True) -> BatchNorm: ...
     def eval(self) -> BatchNorm: ...

@@ -20,4 +20,8 @@ class SyncBatchNorm(BatchNorm):
         *,
         axis: int = 1,
         activation: Activation = None,
+        renorm: bool = False,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        ghost_batch_size: None = None,
     ) -> None: ...

@@ -42,6 +42,7 @@ def test_renorm_schedule(td):
     assert td.renorm_limits(999, 1000) == (3.0, 5.0)
 
 
+@pytest.mark.slow
 def test_variants_run(td, tmp_path):
     import matplotlib  # noqa: F401  (the example's dependencies, part of cybn[test])
     import sklearn  # noqa: F401

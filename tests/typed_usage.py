@@ -34,6 +34,16 @@ def main() -> None:
     sum_dy, sum_dy_xmu = cybn.grad_sums(np.ones_like(x), x, mean64)
     grad = cybn.grad_input(np.ones_like(x), x, mean64, invstd64, sum_dy, sum_dy_xmu, count)
 
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    y_renorm, mean_b, invstd_b, r, d = cybn.forward_train(x, running_mean=rm, running_var=rv,
+                                                          renorm=(3.0, 5.0))
+    dx_renorm, _, _ = cybn.backward(np.ones_like(x), x, mean_b, invstd_b, renorm=(r, d))
+    y_ghost, mean_g, invstd_g = cybn.forward_train(x, ghost_batch_size=4)
+    dx_ghost, _, _ = cybn.backward(np.ones_like(x), x, mean_g, invstd_g, ghost_batch_size=4)
+    variant = cybn.BatchNorm2d(4, renorm=True, rmax=1.0, dmax=0.0, ghost_batch_size=2)
+    variant.rmax, variant.dmax = 2.0, 1.0
+    assert variant(x).shape == dx_renorm.shape == dx_ghost.shape == y_renorm.shape
+
     bn: cybn.BatchNorm = cybn.BatchNorm2d(4, momentum=None)
     losses = [train_step(bn, x, 0.1) for _ in range(3)]
     state = bn.state_dict()
