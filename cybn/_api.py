@@ -517,42 +517,15 @@ def _train_step(x, weight, bias, eps, out, axis, residual, relu, count, running,
 
 def _train_part(x, weight, bias, eps, out, axis, residual, relu, count, running, limits):
     """One (ghost) batch: (y, mean, var, invstd, r, d); r, d None without renorm."""
-    if limits is None or limits == (1.0, 0.0):  # then r = 1 and d = 0: plain batch norm
-        y, mean, var, invstd = _train(x, weight, bias, eps, out, axis, residual, relu, count)
-        if limits is None:
-            return y, mean, var, invstd, None, None
+    if limits == (1.0, 0.0):  # then r = 1 and d = 0: plain batch norm, bit for bit
+        y, mean, var, invstd, _, _ = _train(x, weight, bias, eps, out, axis, residual, relu,
+                                            count)
         return y, mean, var, invstd, np.ones_like(mean), np.zeros_like(mean)
-    # r and d need the batch's statistics before any y: a statistics pass,
-    # then one element-wise pass with the combined per-channel coefficients.
-    mean, var, invstd = _statistics(x, axis, count, eps)
-    r, d = _renorm_corrections(mean, var, eps, running, limits)
-    if count == 0:
-        return _empty_result(x, out), mean, var, invstd, r, d
-    with np.errstate(all="ignore"):  # IEEE results, as the kernels
-        scale = weight * r
-        scale *= invstd
-        shift = weight * d
-        shift += bias
-    y = _affine(x, mean, scale, shift, out, axis, residual, relu)
+    y, mean, var, invstd, r, d = _train(x, weight, bias, eps, out, axis, residual, relu,
+                                        count, running, limits)
+    if limits is not None and count == 0:
+        r, d = _renorm_corrections(mean, var, eps, running, limits)
     return y, mean, var, invstd, r, d
-
-
-def _statistics(x, axis, count, eps):
-    """mean, biased var and invstd of checked x, float64, as _train computes them."""
-    n_channels = x.shape[axis]
-    if count == 0:
-        undefined = np.full(n_channels, np.nan)
-        return undefined, undefined.copy(), undefined.copy()
-    layout, (x_view,), *_ = _plan([_to_axis1(x, axis)], [])
-    mean = np.empty(n_channels)
-    var = np.empty(n_channels)
-    _KERNELS["moments_" + layout][x.dtype](x_view, mean, var)
-    var /= count
-    with np.errstate(divide="ignore"):  # eps=0 and var=0: inf, as the kernels
-        invstd = 1.0 / np.sqrt(var + eps)
-    if x.dtype == np.float64 and not (_kernels.all_finite(mean) and _kernels.all_finite(var)):
-        _rescue(x, axis, count, eps, mean, var, invstd)
-    return mean, var, invstd
 
 
 def _separate_target(out, inputs):
@@ -611,29 +584,46 @@ def _train_arguments(x, weight, bias, eps, axis, residual, activation, out):
     return x, axis, weight, bias, eps, relu, residual, out, count
 
 
-def _train(x, weight, bias, eps, out, axis, residual, relu, count):
-    """The training forward of checked arguments: (y, mean, var, invstd), the
-    statistics in float64; y is `out` (a plain ndarray) when given."""
+def _train(x, weight, bias, eps, out, axis, residual, relu, count, running=None,
+           limits=None):
+    """The training forward of checked arguments: (y, mean, var, invstd, r,
+    d), the statistics in float64; y is `out` (a plain ndarray) when given.
+    With the float64 running statistics (taken before their update) and
+    limits (rmax, dmax): batch renormalization, in the same pass as plain
+    batch norm (the kernel computes r and d of each channel between its
+    statistics and its y); else r and d are None."""
     n_channels = x.shape[axis]
     if count == 0:
         undefined = np.full(n_channels, np.nan)  # statistics of no values
-        return _empty_result(x, out), undefined, undefined.copy(), undefined.copy()
+        return (_empty_result(x, out), undefined, undefined.copy(), undefined.copy(),
+                None, None)
     layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
         [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
     mean = np.empty(n_channels)
     var = np.empty(n_channels)
     invstd = np.empty(n_channels)
+    renorm = r = d = None
+    if limits is not None:
+        rmax, dmax = limits
+        with np.errstate(all="ignore"):  # IEEE results, as the kernels
+            running_std = np.sqrt(running[1] + eps)
+        r, d = np.empty(n_channels), np.empty(n_channels)
+        renorm = (running[0], running_std, r, d, (1.0 / rmax, rmax, dmax))
     written = _KERNELS["forward_train_" + layout][x.dtype](
-        x_view, y_view, weight, bias, eps, mean, var, invstd, residual_view, relu)
+        x_view, y_view, weight, bias, eps, mean, var, invstd, residual_view, relu, renorm)
     if written != _kernels.ALL_WRITTEN:  # float64 statistics not finite somewhere
         unwritten = (np.arange(n_channels) if written == _kernels.NONE_WRITTEN
                      else np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var))))
         _rescue(x, axis, count, eps, mean, var, invstd)
-        _affine_channels(unwritten, x_view, mean, weight * invstd, bias, y_view,
-                         residual_view, relu)
+        scale, shift = weight * invstd, bias
+        if limits is not None:
+            r, d = _renorm_corrections(mean, var, eps, running, limits)
+            with np.errstate(all="ignore"):
+                scale, shift = weight * r * invstd, weight * d + bias
+        _affine_channels(unwritten, x_view, mean, scale, shift, y_view, residual_view, relu)
     finish()
     y = _result(out, y, axis)
-    return y, mean, var, invstd
+    return y, mean, var, invstd, r, d
 
 
 def _power_of_two_scales(values):

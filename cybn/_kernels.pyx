@@ -1063,6 +1063,72 @@ cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch
                              sum_dy_xmu, n_threads, like)
 
 
+ctypedef struct Renorm:
+    # Batch renormalization's inputs and outputs (see train_coefficients);
+    # running_mean is NULL for plain batch norm.
+    const double *running_mean
+    const double *running_std
+    double *r
+    double *d
+    double r_low, r_high, d_high
+
+
+cdef Renorm renorm_view(object renorm, Py_ssize_t n_channels) except *:
+    """The Renorm of forward_train's `renorm`: None, or (running_mean,
+    running_std, r, d, (1/rmax, rmax, dmax)) with float64 (C,) vectors, r and
+    d written."""
+    cdef Renorm rn
+    rn.running_mean = rn.running_std = rn.r = rn.d = NULL
+    rn.r_low = rn.r_high = rn.d_high = 0.0
+    if renorm is not None:
+        rn.running_mean = doubles(renorm[0], n_channels, False)
+        rn.running_std = doubles(renorm[1], n_channels, False)
+        rn.r = doubles(renorm[2], n_channels, True)
+        rn.d = doubles(renorm[3], n_channels, True)
+        rn.r_low, rn.r_high, rn.d_high = renorm[4]
+    return rn
+
+
+cdef inline double clipped(double v, double low, double high) noexcept nogil:
+    """min(max(v, low), high), keeping NaN as np.maximum and np.minimum do."""
+    if v < low:
+        v = low
+    if v > high:
+        v = high
+    return v
+
+
+cdef inline void train_coefficients(Py_ssize_t c, const double *mean, const double *var,
+                                    const double *invstd, const double *weight,
+                                    const double *bias, double eps, Renorm rn,
+                                    double *scale, double *shift) noexcept nogil:
+    """Channel c's y = (x - mean) * scale + shift: weight * invstd and bias, or
+    with batch renormalization weight * r * invstd and weight * d + bias,
+    r = clip(sqrt(var + eps) / running_std, 1/rmax, rmax) and d = clip((mean
+    - running_mean) / running_std, -dmax, dmax): the operations of
+    cybn._api._renorm_corrections, in its order."""
+    cdef double r, d
+    if rn.running_mean == NULL:
+        scale[0] = weight[c] * invstd[c]
+        shift[0] = bias[c]
+        return
+    r = clipped(sqrt(var[c] + eps) / rn.running_std[c], rn.r_low, rn.r_high)
+    d = clipped((mean[c] - rn.running_mean[c]) / rn.running_std[c], -rn.d_high, rn.d_high)
+    rn.r[c] = r
+    rn.d[c] = d
+    scale[0] = weight[c] * r * invstd[c]
+    shift[0] = weight[c] * d + bias[c]
+
+
+cdef void all_train_coefficients(Py_ssize_t n_channels, const double *mean,
+                                 const double *var, const double *invstd,
+                                 const double *weight, const double *bias, double eps,
+                                 Renorm rn, double *scale, double *shift) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(n_channels):
+        train_coefficients(c, mean, var, invstd, weight, bias, eps, rn, &scale[c], &shift[c])
+
+
 # What the training forwards return: whether they wrote every channel.  A
 # float64 channel whose statistics are not finite (NaN or Inf in it, or a
 # spread beyond ~1e154 that overflows the sum of squares) is not written, so
@@ -1093,7 +1159,7 @@ cdef bint all_statistics_finite(const double *mean, const double *var, Py_ssize_
 cdef void train_channels(Planar x, Planar res, Planar y, Py_ssize_t first, Py_ssize_t end,
                          Py_ssize_t n_spatial, Py_ssize_t count, const double *weight,
                          const double *bias, double eps, double *mean, double *var,
-                         double *invstd, int relu, bint stream, bint overlap,
+                         double *invstd, Renorm rn, int relu, bint stream, bint overlap,
                          floating *like) noexcept nogil:
     """Channels [first, end) of the per-channel path, one after the other:
     the statistics of a channel, then its y while its values are in cache.
@@ -1102,28 +1168,29 @@ cdef void train_channels(Planar x, Planar res, Planar y, Py_ssize_t first, Py_ss
     channel from memory overlaps writing this one (the same sums in the same
     order)."""
     cdef Py_ssize_t c
-    cdef double shift, s, q
+    cdef double next_shift, s, q, scale, shift
     if first >= end:
         return
     channel_moments(x, first, n_spatial, count, &mean[first], &var[first], like)
     for c in range(first, end):
         invstd[c] = batch_invstd(&var[c], count, eps)
+        train_coefficients(c, mean, var, invstd, weight, bias, eps, rn, &scale, &shift)
         if not statistics_finite(mean[c], var[c], like):  # see WRITTEN_BUT_NON_FINITE
             if c + 1 < end:
                 channel_moments(x, c + 1, n_spatial, count, &mean[c + 1], &var[c + 1], like)
             continue
         if not overlap or c + 1 == end:
-            planar_affine(x, res, y, c, n_spatial, 0, count, mean[c], weight[c] * invstd[c],
-                          bias[c], relu, stream, like)
+            planar_affine(x, res, y, c, n_spatial, 0, count, mean[c], scale, shift, relu,
+                          stream, like)
             if c + 1 < end:
                 channel_moments(x, c + 1, n_spatial, count, &mean[c + 1], &var[c + 1], like)
             continue
-        shift = channel_shift(x, c + 1, n_spatial, count, like)
+        next_shift = channel_shift(x, c + 1, n_spatial, count, like)
         s = 0.0
         q = 0.0
-        planar_affine_sums(x, res, y, c, n_spatial, count, mean[c], weight[c] * invstd[c],
-                           bias[c], relu, stream, shift, &s, &q, like)
-        finish_channel_moments(x, c + 1, n_spatial, count, shift, s, q, &mean[c + 1],
+        planar_affine_sums(x, res, y, c, n_spatial, count, mean[c], scale, shift, relu,
+                           stream, next_shift, &s, &q, like)
+        finish_channel_moments(x, c + 1, n_spatial, count, next_shift, s, q, &mean[c + 1],
                                &var[c + 1], like)
 
 
@@ -1250,10 +1317,11 @@ def float64_copy(v, Py_ssize_t n):
 # (forward_train_planar["float"]).
 
 def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
-                         residual=None, bint relu=False, floating kind=0):
+                         residual=None, bint relu=False, renorm=None, floating kind=0):
     """out = act((x - mean)*invstd*weight + bias [+ residual]) with the batch
-    statistics, which are written to mean, var (biased) and invstd.  Returns
-    ALL_WRITTEN, or which channels were not (see WRITTEN_BUT_NON_FINITE)."""
+    statistics, which are written to mean, var (biased) and invstd; with
+    renorm (see renorm_view), batch renormalization's.  Returns ALL_WRITTEN,
+    or which channels were not (see WRITTEN_BUT_NON_FINITE)."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
     cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
@@ -1270,39 +1338,42 @@ def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
     cdef Py_ssize_t n_arrays = affine_arrays(rv.data != NULL)
     cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
     cdef bint overlap = overlaps_next(stream, count, 1, sizeof(floating))
+    cdef Renorm rn = renorm_view(renorm, n_channels)
     if fused_channels(n_channels, n_spatial, count, n_arrays, sizeof(floating)):
         with nogil:
             if n_threads == 1:  # no parallel region: about 1 us less per call
                 train_channels(xv, rv, yv, 0, n_channels, n_spatial, count, weight_p, bias_p,
-                               eps, mean_p, var_p, invstd_p, relu, stream, overlap, like)
+                               eps, mean_p, var_p, invstd_p, rn, relu, stream, overlap, like)
             else:
                 for t in prange(n_threads, schedule='static', num_threads=n_threads):
                     train_channels(xv, rv, yv, part_start(t, n_threads, n_channels),
                                    part_start(t + 1, n_threads, n_channels), n_spatial, count,
-                                   weight_p, bias_p, eps, mean_p, var_p, invstd_p, relu, stream,
-                                   overlap, like)
+                                   weight_p, bias_p, eps, mean_p, var_p, invstd_p, rn, relu,
+                                   stream, overlap, like)
         if all_statistics_finite(mean_p, var_p, n_channels, like):
             return ALL_WRITTEN_
         return WRITTEN_BUT_NON_FINITE_
     cdef int written = ALL_WRITTEN_
-    work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + n_channels)
+    work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + 2 * n_channels)
     try:
         with nogil:
-            planar_statistics(xv, n_batch, n_channels, n_spatial, n_arrays, work + n_channels,
-                              mean_p, var_p, n_threads, like)
+            planar_statistics(xv, n_batch, n_channels, n_spatial, n_arrays,
+                              work + 2 * n_channels, mean_p, var_p, n_threads, like)
             batch_scales(n_channels, count, eps, weight_p, var_p, invstd_p, work)
+            all_train_coefficients(n_channels, mean_p, var_p, invstd_p, weight_p, bias_p, eps,
+                                   rn, work, work + n_channels)
             if not all_statistics_finite(mean_p, var_p, n_channels, like):
                 written = NONE_WRITTEN_
             else:
                 runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, work,
-                                bias_p, relu, n_arrays, True, n_threads, like)
+                                work + n_channels, relu, n_arrays, True, n_threads, like)
     finally:
         free(work)
     return written
 
 
 def forward_train_rows(x, out, weight, bias, double eps, mean, var, invstd, residual=None,
-                       bint relu=False, floating kind=0):
+                       bint relu=False, renorm=None, floating kind=0):
     """forward_train_planar for the rows layout."""
     cdef floating *like = NULL
     cdef Rows xv = rows(x, None, False, like)
@@ -1315,17 +1386,21 @@ def forward_train_rows(x, out, weight, bias, double eps, mean, var, invstd, resi
     cdef double *invstd_p = doubles(invstd, n_channels, True)
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef int n_threads = threads_for(n_rows * n_channels)
-    cdef double *work = scratch(n_channels * (2 * n_parts + 1))
+    cdef Renorm rn = renorm_view(renorm, n_channels)
+    cdef double *work = scratch(n_channels * (2 * n_parts + 2))
     cdef int written = ALL_WRITTEN_
     try:
         with nogil:
             rows_moments(xv, n_rows, n_channels, n_parts, work, mean_p, var_p, n_threads, like)
             batch_scales(n_channels, n_rows, eps, weight_p, var_p, invstd_p, work)
+            all_train_coefficients(n_channels, mean_p, var_p, invstd_p, weight_p, bias_p, eps,
+                                   rn, work, work + n_channels)
             if not all_statistics_finite(mean_p, var_p, n_channels, like):
                 written = NONE_WRITTEN_
             else:
-                rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, work, bias_p, relu,
-                                affine_arrays(rv.data != NULL), True, n_threads, like)
+                rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, work,
+                                work + n_channels, relu, affine_arrays(rv.data != NULL), True,
+                                n_threads, like)
     finally:
         free(work)
     return written

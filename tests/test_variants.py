@@ -532,3 +532,25 @@ def test_sync_rejects_ghost_batches(MPI):
             ValueError, match="does not support ghost batches .*got ghost_batch_size=2"):
         layer(random_batch((4, 3, 2, 2), np.float32))
     assert layer.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("shape", [(260, 16, 16, 16), (64, 2, 32, 32), (70, 5, 2, 2), (300, 40)],
+                         ids=["memory-order", "channels in parts", "per-channel", "rows"])
+def test_renorm_on_every_kernel_path(shape):
+    """r and d are computed inside each training kernel path between the
+    statistics and y: the large short-run planar path and the path of
+    channels cut into parts (statistics of all channels first), the
+    per-channel path and the rows path."""
+    x, dy, w, b, rm, rv = _problem(shape, np.float64)
+    y_ref, mean_ref, invstd_ref, r_ref, d_ref, rm_ref, rv_ref = \
+        reference.forward_train_variants(x, w, b, rm, rv, renorm=RENORM)
+    for layout in ("planar", "channels-last"):
+        data = x if layout == "planar" or x.ndim == 2 else _to_channels_last(x)
+        y, mean, invstd, r, d = cybn.forward_train(data, w, b, rm.copy(), rv.copy(),
+                                                   renorm=RENORM, axis=1 if layout ==
+                                                   "planar" else -1)
+        if data is not x:
+            y = np.moveaxis(y, -1, 1)
+        assert_close(y, y_ref, np.float64, f"y {shape} {layout}")
+        assert_close(r, r_ref, np.float64, f"r {shape} {layout}")
+        assert_close(d, d_ref, np.float64, f"d {shape} {layout}")
