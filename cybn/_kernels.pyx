@@ -136,16 +136,9 @@ cdef inline Py_ssize_t planar_parts(Py_ssize_t n_channels, Py_ssize_t count) noe
 cdef inline bint short_runs(Py_ssize_t n_values, Py_ssize_t n_arrays, Py_ssize_t n_spatial,
                             Py_ssize_t itemsize) noexcept nogil:
     """Whether a call on n_arrays planar arrays of n_values takes the memory-
-    order path.  It measured against the per-channel path (with prefetching)
-    1.1-1.4x for the backward at 32x2048x7x7, 32x256x14x14 and (float64)
-    32x512x7x7 (3 arrays of 13 to 19 MB), 1.1-1.2x for the training
-    forward at 32x2048x7x7 and (float64) 32x256x14x14 (2 arrays of 13 MB),
-    and 0.76-0.94x on calls of 13 MB or less in all.  With runs of 3 KiB
-    (float32 28x28) it measured 1.25-1.6x for the training forward and
-    1.0-1.7x (mostly 1.15-1.5x) for the backward, three runs each at four
-    shapes; with runs of 6 KiB (float64 28x28) 0.83-1.38x, and with 12 KiB
-    (float32 56x56) 1.0-1.4x but 0.6-0.9x in float64 (25 KiB): runs of a
-    page or more keep the per-channel path."""
+    order path: short runs a batch stride apart defeat the hardware
+    prefetcher in big calls, while small calls and runs of a page or more
+    do better channel by channel (measurements: docs/design.md)."""
     return (n_spatial * itemsize < SHORT_RUN_BYTES
             and n_values * n_arrays * itemsize > MEMORY_ORDER_BYTES)
 
@@ -154,13 +147,8 @@ cdef inline Py_ssize_t runs_ahead(Py_ssize_t n_spatial, Py_ssize_t itemsize) noe
     """Runs ahead that the per-channel sums prefetch (0: none).  Short runs of
     a channel lie a whole batch stride apart, each too short for the hardware
     prefetcher to pick up, so that the per-channel path waits on the memory
-    or the last-level cache run after run.  Measured here against no
-    prefetching: 1.0-1.08x on the calls that take the per-channel path with
-    short runs (float32 backward 1.07x at 32x512x7x7 and 64x256x7x7), and
-    1.25-1.4x on bigger ones, which the memory-order path (see short_runs)
-    now serves better still; more runs ahead were no better, and runs of
-    3 KiB lost 0.9x (the hardware prefetcher has them).  No value depends
-    on it."""
+    or the last-level cache run after run (measurements: docs/design.md).
+    No value depends on it."""
     return PREFETCH_RUNS if n_spatial * itemsize < PREFETCH_RUN_BYTES else 0
 
 
@@ -191,8 +179,8 @@ cdef inline int rows_sums_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels
     """Rows per step of the rows sums: part of the order of the sums, so a
     function of the shape and strides alone.  Streaming from memory, rows of
     SHORT_ROW_BYTES to PAGE_BYTES go one at a time, in memory order (taking
-    several such rows in turn confuses the prefetcher: measured up to 1.8x
-    slower); otherwise several rows per step load each sum once per step."""
+    several such rows in turn confuses the prefetcher); otherwise several
+    rows per step load each sum once per step."""
     cdef Py_ssize_t row_bytes = x.row_stride * itemsize
     if (n_rows * n_channels * itemsize <= SMALL_BYTES or row_bytes <= SHORT_ROW_BYTES
             or row_bytes >= PAGE_BYTES):
@@ -207,9 +195,7 @@ cdef inline int rows_write_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channel
     parameters are loaded once per step; one otherwise, as every row taken
     at once is two more streams for the prefetcher.  Even in the cache, only
     for rows of at most SHORT_ROW_BYTES or of at least LONG_ROW_CHANNELS
-    channels: in between, the step measured 0.6-0.95x (float32 rows of 256
-    and float64 rows of 256 and 512 channels), and 1.15-1.4x with 1024
-    channels in float32 (evaluation at (2048 to 8000, 1024))."""
+    channels, where it measured faster (docs/design.md)."""
     cdef Py_ssize_t row_bytes = x.row_stride * itemsize
     if n_rows * n_channels * itemsize <= CACHED_BYTES and (row_bytes <= SHORT_ROW_BYTES
                                                            or n_channels >= LONG_ROW_CHANNELS):
@@ -221,12 +207,10 @@ cdef inline bint overlaps_next(bint stream, Py_ssize_t count, Py_ssize_t n_input
                                Py_ssize_t itemsize) noexcept nogil:
     """Whether the per-channel path runs the sums of the next channel along
     with the streamed output of this one (see train_channels), for channels of
-    count values in n_inputs arrays.  Measured against one after the other
-    (interleaved, 2 threads) at the ResNet shapes with channels of up to
-    800 KB: training forward 1.0-1.32x, backward 1.04-1.30x but for float64
-    32x128x28x28 (0.92-0.99x); with channels of 3.2 to 6.4 MB (float64
-    32x64x112x112), which the second pass cannot find in the cache anyway,
-    the backward lost 0.89x.  No value depends on it."""
+    count values in n_inputs arrays: reading the next channel from memory
+    overlaps writing this one, where a channel is small enough for the
+    second pass to find it in the cache (measurements: docs/design.md).  No
+    value depends on it."""
     return stream and count * n_inputs * itemsize <= OVERLAP_CHANNEL_BYTES
 
 
@@ -252,12 +236,9 @@ cdef inline bint streamed(Py_ssize_t n_values, Py_ssize_t n_arrays, bint rereads
     one-pass calls (evaluation) whose arrays exceed it twice over.
     An output over the cache could not stay there anyway; streaming it keeps
     the inputs there for the second pass and saves reading its lines from
-    memory before writing them.  Measured here against plain stores, in the
-    same runs: training forward 1.1-1.4x and backward 1.0-1.15x on the ResNet
-    shapes over the limit; evaluation 1.22-1.29x with arrays of 98 MiB in all
-    (float32 32x512x28x28, float64 32x1024x14x14) and 1.32-1.37x with 205 to
-    410 MB, but 0.95-0.97x with 49 MiB, where part of the arrays is still in
-    the cache from the call before.  No value depends on it."""
+    memory before writing them; one-pass calls just over the cache still
+    find part of their arrays there from the call before (measurements:
+    docs/design.md).  No value depends on it."""
     return (run_values * itemsize >= STREAM_RUN_BYTES
             and n_values * n_arrays * itemsize > (stream_above if rereads
                                                   else ONE_PASS_STREAM_FACTOR * stream_above))
@@ -292,8 +273,8 @@ cdef double *scratch(Py_ssize_t n_doubles) except NULL:
 
 # ---------------------------------------------------------------------------
 # The kernels' operands.  The kernels below take ndarrays, not typed
-# memoryviews: acquiring a memoryview costs about 0.12 us an argument, and a
-# backward call on a small tensor took 8 of them, a sixth of its time.  What
+# memoryviews: acquiring memoryviews for a call's many arguments was a large
+# part of a small call's time (docs/design.md).  What
 # a memoryview checked is checked here instead, in C: a wrong call raises
 # rather than reading or writing out of bounds, though cybn._api never makes
 # one.
@@ -689,7 +670,7 @@ cdef void first_shifts(Planar x, Py_ssize_t n_channels, Py_ssize_t n_batch,
                        Py_ssize_t n_spatial, double *shift, int n_threads,
                        floating *like) noexcept nogil:
     """first_shift of every planar channel (the float64 samples are scattered
-    reads: in parallel, 1.15x on float64 training at 32x2048x7x7)."""
+    reads, which gain from running in parallel)."""
     cdef Py_ssize_t c
     if floating is float or n_threads == 1:
         for c in range(n_channels):
@@ -932,7 +913,7 @@ cdef void runs_affine_all(Planar x, Planar res, Planar y, Py_ssize_t n_batch,
     cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
     cdef bint stream = streamed(n_runs * n_spatial, n_arrays, rereads, n_spatial,
                                 sizeof(floating))
-    if n_threads == 1:  # one task, no parallel region: about 1 us less per call
+    if n_threads == 1:  # one task, no parallel region, whose start-up dominates small calls
         runs_affine(x, res, y, n_channels, n_spatial, 0, n_runs, mean, scale, shift, relu,
                     stream, like)
         return
@@ -976,8 +957,7 @@ cdef inline RowsWrite rows_write(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channel
                                  Py_ssize_t itemsize) noexcept nogil:
     """The element-wise passes split the rows alone, whatever the sums did
     (no value depends on the split): a range of whole rows is one stretch of
-    memory.  Measured against the sums' split into channel blocks: 1.07-1.31x
-    at (64, 2048) and (256, 512), float32, 2 threads; the same elsewhere."""
+    memory."""
     cdef RowsWrite w
     w.n_parts = max(1, min(ROWS_TASKS, n_rows // WRITE_ROWS_MIN))
     w.block = rows_write_block(x, n_rows, n_channels, itemsize)
@@ -1282,7 +1262,7 @@ def float64_copy(v, Py_ssize_t n):
     """A new float64 array of v's values when v is an aligned, native float32
     or float64 ndarray of shape (n,), of any stride; None otherwise (cybn._api
     then converts v itself, or says what is wrong with it).  NumPy's astype
-    widens float32 without SIMD: 2048 values took 0.66 us."""
+    widens float32 without SIMD."""
     if type(v) is not cnp.ndarray:
         return None
     cdef cnp.ndarray arr = <cnp.ndarray>v
@@ -1341,7 +1321,7 @@ def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
     cdef Renorm rn = renorm_view(renorm, n_channels)
     if fused_channels(n_channels, n_spatial, count, n_arrays, sizeof(floating)):
         with nogil:
-            if n_threads == 1:  # no parallel region: about 1 us less per call
+            if n_threads == 1:  # no parallel region, whose start-up dominates small calls
                 train_channels(xv, rv, yv, 0, n_channels, n_spatial, count, weight_p, bias_p,
                                eps, mean_p, var_p, invstd_p, rn, relu, stream, overlap, like)
             else:

@@ -50,9 +50,8 @@ static inline int cybn_max_threads(void) { return 1; }
 /* The float32 passes compute in double and round once to float; the
  * conversions to and from double take most of their time.  Where the machine
  * has fused multiply-add, the planar float32 passes do each multiply-add as
- * one fma: one rounding fewer in double, and on Zen 4 at cached ResNet-50
- * shapes 1.14-1.21x on evaluation and the backward's dx pass, then 1.06-1.11x
- * on training and 1.02-1.06x on the backward from the sums.  Without it, fma()
+ * one fma: one rounding fewer in double, and one operation fewer in passes
+ * bound by the conversions (measurements: docs/design.md).  Without it, fma()
  * would be a library call per value, so those machines keep the unfused
  * form, and their float32 results may differ in the last bit in rare cases.
  * (The rows passes measured no gain and stay unfused, as do float64 ones,
@@ -151,9 +150,7 @@ CYBN_INLINE Py_ssize_t line_head(const void *p, Py_ssize_t len, size_t itemsize)
  * buffer, CYBN_STREAM_LINES at a time (then one at a time; N is a constant
  * either way), which goes out by streaming stores (to out2 too where its
  * lines start where out's do, else by plain copies: streaming stores of parts
- * of two lines each made the backward with grad_residual 1.5x slower).  D2 is
- * NULL when out2 is.  Eight lines per step measured 1.04-1.1x over one on a
- * 100 MB y = a*x + b. */
+ * of two lines each are slow).  D2 is NULL when out2 is. */
 #define CYBN_STREAM_LINES 8
 #define CYBN_STREAMED(T, out, out2, len, I, N, D, D2, ...)                           \
     {                                                                                \
@@ -199,7 +196,7 @@ typedef long long cybn_v8l __attribute__((vector_size(64)));
 
 /* Element by element, which GCC 12 turns into one vcvtps2pd from memory in
  * the AVX-512 clone; its __builtin_convertvector there took two 256-bit
- * conversions and a shuffle, 1.5x the time (measured on Zen 4). */
+ * conversions and a shuffle. */
 CYBN_INLINE cybn_v8d load8_f32(const float *p)
 {
     cybn_v8d v;
@@ -330,8 +327,7 @@ typedef struct {
 #undef SUFFIX
 
 /* Per-channel scalars, vectorized by the clones (sqrt and division are
- * exact IEEE operations in every one, so all give the same bits): 2048
- * channels took 3.9 us in the baseline build, 1.8 us so. */
+ * exact IEEE operations in every one, so all give the same bits). */
 
 /* *var: M2 in, the biased variance out; returns 1/sqrt(var + eps). */
 CYBN_INLINE double cybn_batch_invstd(double *var, Py_ssize_t count, double eps)
