@@ -245,18 +245,24 @@ class BatchNorm:
             if saved is None:
                 raise RuntimeError(f"{type(self).__name__}.backward was called before forward "
                                    "(in this thread)")
-            relu = saved.output is not None
-            grad_residual = (np.empty_like(dy) if relu and saved.residual
-                             and isinstance(dy, np.ndarray) else None)
-            dx, grad_weight, grad_bias = backward(
-                dy, saved.x, saved.mean, saved.invstd, saved.weight,
-                training=saved.batch_stats, axis=self.axis,
-                activation="relu" if relu else None, y=saved.output,
-                grad_residual=grad_residual, renorm=saved.renorm,
-                ghost_batch_size=saved.ghost_batch_size)
-            self._set_gradients(grad_weight, grad_bias,
-                                (grad_residual if relu else dy) if saved.residual else None)
+            dx, grad_weight, grad_bias, grad_residual = self._backward_of(dy, saved)
+            self._set_gradients(grad_weight, grad_bias, grad_residual)
             return dx
+
+    def _backward_of(self, dy, saved):
+        """(dx, grad_weight, grad_bias, grad_residual) of this process's data
+        for the forward `saved`."""
+        relu = saved.output is not None
+        grad_residual = (np.empty_like(dy) if relu and saved.residual
+                         and isinstance(dy, np.ndarray) else None)
+        dx, grad_weight, grad_bias = backward(
+            dy, saved.x, saved.mean, saved.invstd, saved.weight, training=saved.batch_stats,
+            axis=self.axis, activation="relu" if relu else None, y=saved.output,
+            grad_residual=grad_residual, renorm=saved.renorm,
+            ghost_batch_size=saved.ghost_batch_size)
+        if saved.residual:
+            grad_residual = grad_residual if relu else dy
+        return dx, grad_weight, grad_bias, grad_residual
 
     def _set_gradients(self, grad_weight, grad_bias, grad_residual):
         if self.affine:

@@ -31,7 +31,7 @@ import numpy as np
 from . import _kernels
 from ._api import (_SMALLEST_PLAIN_INVSTD, _axis, _backward_scales, _check_same,
                    _commit_training_step, _power_of_two_scales, _renorm_corrections,
-                   _running_float64, _warn_not_finite, backward, batch_moments,
+                   _running_float64, _warn_not_finite, batch_moments,
                    combine_moments, grad_input, grad_sums, normalize)
 from .layer import BatchNorm, Saved
 
@@ -263,15 +263,8 @@ class SyncBatchNorm(BatchNorm):
         """Backward after an eval forward: dx is BatchNorm's on this process;
         grad_weight and grad_bias are still summed over the processes, so that
         they mean the same in both modes."""
-        relu = saved.output is not None
         try:
-            grad_residual = (np.empty_like(dy) if relu and saved.residual
-                             and isinstance(dy, np.ndarray) else None)
-            dx, grad_weight, grad_bias = backward(
-                dy, saved.x, saved.mean, saved.invstd, saved.weight,
-                training=saved.batch_stats, axis=self.axis,
-                activation="relu" if relu else None, y=saved.output,
-                grad_residual=grad_residual)
+            dx, grad_weight, grad_bias, grad_residual = self._backward_of(dy, saved)
             grads = np.stack([grad_weight, grad_bias]).astype(np.float64)
             local_error = None
         except Exception as error:
@@ -282,7 +275,7 @@ class SyncBatchNorm(BatchNorm):
         self._exchange_headers(_BACKWARD_EVAL, local_error, 0)
         self.comm.Allreduce(self._in_place, grads)
         self._set_gradients(grads[0].astype(self.dtype), grads[1].astype(self.dtype),
-                            (grad_residual if relu else dy) if saved.residual else None)
+                            grad_residual)
         return dx
 
     # -- agreement between processes ------------------------------------------
