@@ -484,71 +484,25 @@ def _train_step(x, weight, bias, eps, out, axis, residual, relu, count, running,
     the statistics are float64, of shape (C,), or (N/G, C) with ghost batches;
     r and d are None without renorm.
     """
-    if ghost is None:
-        y, mean, var, invstd, r, d = _train_part(x, weight, bias, eps, out, axis, residual,
-                                                  relu, count, running, limits)
-        return y, (mean, invstd, r, d), (mean, var, count)
-    n_ghosts = x.shape[0] // ghost
-    ghost_count = count // n_ghosts if n_ghosts else 0
-    # Each ghost batch is written before the next is read: an out that
-    # overlaps x or residual other than as the same array is written later.
-    target = _separate_target(out, (x, residual))
-    y = _new_like(x, axis) if target is None else target
-    parts = []
-    for start in range(0, x.shape[0], ghost):
-        part = slice(start, start + ghost)
-        parts.append(_train_part(x[part], weight, bias, eps, y[part], axis,
-                                 None if residual is None else residual[part], relu,
-                                 ghost_count, running, limits))
-    if out is not None and target is not out:
-        np.copyto(out, y)
-        y = out
-    n_channels = x.shape[axis]
-    stacked = [np.array([p[i] for p in parts], dtype=np.float64).reshape(n_ghosts, n_channels)
-               for i in range(1, 4 if limits is None else 6)]
-    mean, var, invstd, r, d = stacked if limits is not None else stacked + [None, None]
-    # The running statistics: means over the ghost batches, all of ghost_count
-    # values, so that _update_running's m/(m-1) unbiases each one's variance.
-    # (np.mean's own arithmetic: a pairwise sum, then one division)
-    update = (np.add.reduce(mean, axis=0) / n_ghosts, np.add.reduce(var, axis=0) / n_ghosts,
-              ghost_count) if n_ghosts else (None, None, 0)
-    return y, (mean, invstd, r, d), update
-
-
-def _train_part(x, weight, bias, eps, out, axis, residual, relu, count, running, limits):
-    """One (ghost) batch: (y, mean, var, invstd, r, d); r, d None without renorm."""
+    n_parts = 1 if ghost is None else x.shape[0] // ghost
+    part_count = count // n_parts if n_parts else 0
     if limits == (1.0, 0.0):  # then r = 1 and d = 0: plain batch norm, bit for bit
         y, mean, var, invstd, _, _ = _train(x, weight, bias, eps, out, axis, residual, relu,
-                                            count)
-        return y, mean, var, invstd, np.ones_like(mean), np.zeros_like(mean)
-    y, mean, var, invstd, r, d = _train(x, weight, bias, eps, out, axis, residual, relu,
-                                        count, running, limits)
-    if limits is not None and count == 0:
-        r, d = _renorm_corrections(mean, var, eps, running, limits)
-    return y, mean, var, invstd, r, d
-
-
-def _separate_target(out, inputs):
-    """out, or None when it overlaps one of inputs other than as the same array
-    (then a new array is written and copied to out at the end)."""
-    if out is None:
-        return None
-    for a in inputs:
-        if a is not None and _kernels.may_overlap(out, a) and not _same_view(out, a):
-            return None
-    return out
-
-
-def _new_like(x, axis):
-    """A new array of x's shape (channels on axis) in a memory layout the
-    kernels take as it is when they take x's: C order, or channels-last
-    when x is.  Its slices along axis 0 keep that property."""
-    if axis == 1 and x.flags.c_contiguous:  # the common case, quickly
-        return np.empty(x.shape, x.dtype)
-    x1 = _to_axis1(x, axis)
-    layouts = _preferred_layouts(x1)
-    layout = next((lay for lay in layouts if _kernel_view(x1, lay) is not None), layouts[0])
-    return _result(None, _empty_like_layout(x1, layout), axis)
+                                            part_count, ghost=ghost)
+        r, d = np.ones_like(mean), np.zeros_like(mean)
+    else:
+        y, mean, var, invstd, r, d = _train(x, weight, bias, eps, out, axis, residual, relu,
+                                            part_count, running, limits, ghost)
+        if limits is not None and part_count == 0:
+            r, d = _renorm_corrections(mean, var, eps, running, limits)
+    if ghost is None:
+        return y, (mean, invstd, r, d), (mean, var, count)
+    # The running statistics: means over the ghost batches, all of part_count
+    # values, so that _update_running's m/(m-1) unbiases each one's variance.
+    # (np.mean's own arithmetic: a sum, then one division)
+    update = (np.add.reduce(mean, axis=0) / n_parts, np.add.reduce(var, axis=0) / n_parts,
+              part_count) if n_parts else (None, None, 0)
+    return y, (mean, invstd, r, d), update
 
 
 def _stats_dtype(stats_dtype, x):
@@ -585,44 +539,59 @@ def _train_arguments(x, weight, bias, eps, axis, residual, activation, out):
 
 
 def _train(x, weight, bias, eps, out, axis, residual, relu, count, running=None,
-           limits=None):
+           limits=None, ghost=None):
     """The training forward of checked arguments: (y, mean, var, invstd, r,
     d), the statistics in float64; y is `out` (a plain ndarray) when given.
     With the float64 running statistics (taken before their update) and
     limits (rmax, dmax): batch renormalization, in the same pass as plain
     batch norm (the kernel computes r and d of each channel between its
-    statistics and its y); else r and d are None."""
+    statistics and its y); else r and d are None.  With ghost = G, each run
+    of G samples is normalized with its own statistics, of shape (N/G, C);
+    count is then the values per channel of one ghost batch."""
     n_channels = x.shape[axis]
+    n_parts = 1 if ghost is None else x.shape[0] // ghost
     if count == 0:
-        undefined = np.full(n_channels, np.nan)  # statistics of no values
-        return (_empty_result(x, out), undefined, undefined.copy(), undefined.copy(),
-                None, None)
+        undefined = np.full((n_parts, n_channels), np.nan)  # statistics of no values
+        stats = [undefined[0] if ghost is None else undefined for _ in range(3)]
+        return (_empty_result(x, out), *(a.copy() for a in stats), None, None)
     layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
         [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
-    mean = np.empty(n_channels)
-    var = np.empty(n_channels)
-    invstd = np.empty(n_channels)
-    renorm = r = d = None
+    mean, var, invstd = (np.empty((n_parts, n_channels)) for _ in range(3))
+    r = d = running_std = None
     if limits is not None:
-        rmax, dmax = limits
         with np.errstate(all="ignore"):  # IEEE results, as the kernels
             running_std = np.sqrt(running[1] + eps)
-        r, d = np.empty(n_channels), np.empty(n_channels)
-        renorm = (running[0], running_std, r, d, (1.0 / rmax, rmax, dmax))
+        r, d = np.empty((n_parts, n_channels)), np.empty((n_parts, n_channels))
+    renorm = None if limits is None else (
+        running[0], running_std, r.reshape(-1), d.reshape(-1),
+        (1.0 / limits[0], limits[0], limits[1]))
     written = _KERNELS["forward_train_" + layout][x.dtype](
-        x_view, y_view, weight, bias, eps, mean, var, invstd, residual_view, relu, renorm)
+        x_view, y_view, weight, bias, eps, mean.reshape(-1), var.reshape(-1),
+        invstd.reshape(-1), residual_view, relu, renorm, n_parts)
     if written != _kernels.ALL_WRITTEN:  # float64 statistics not finite somewhere
-        unwritten = (np.arange(n_channels) if written == _kernels.NONE_WRITTEN
-                     else np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var))))
-        _rescue(x, axis, count, eps, mean, var, invstd)
-        scale, shift = weight * invstd, bias
-        if limits is not None:
-            r, d = _renorm_corrections(mean, var, eps, running, limits)
-            with np.errstate(all="ignore"):
-                scale, shift = weight * r * invstd, weight * d + bias
-        _affine_channels(unwritten, x_view, mean, scale, shift, y_view, residual_view, relu)
+        # A ghost batch is a run of view rows (samples, or samples' positions).
+        n_rows, n_samples = x_view.shape[0] // n_parts, x.shape[0] // n_parts
+        for p in range(n_parts):
+            finite = np.isfinite(mean[p]) & np.isfinite(var[p])
+            if finite.all():
+                continue
+            unwritten = (np.arange(n_channels) if written == _kernels.NONE_WRITTEN
+                         else np.flatnonzero(~finite))
+            _rescue(x[p * n_samples:(p + 1) * n_samples], axis, count, eps, mean[p], var[p],
+                    invstd[p])
+            scale, shift = weight * invstd[p], bias
+            if limits is not None:
+                r[p], d[p] = _renorm_corrections(mean[p], var[p], eps, running, limits)
+                with np.errstate(all="ignore"):
+                    scale, shift = weight * r[p] * invstd[p], weight * d[p] + bias
+            rows = slice(p * n_rows, (p + 1) * n_rows)
+            _affine_channels(unwritten, x_view[rows], mean[p], scale, shift, y_view[rows],
+                             None if residual_view is None else residual_view[rows], relu)
     finish()
     y = _result(out, y, axis)
+    if ghost is None:
+        mean, var, invstd = mean[0], var[0], invstd[0]
+        r, d = (None, None) if limits is None else (r[0], d[0])
     return y, mean, var, invstd, r, d
 
 
@@ -857,35 +826,9 @@ def backward(dy, x, mean, invstd, weight=None, *, training=True, out=None, axis=
     given_out = out
     relu, y, out, grad_residual = _check_backward_options(dy, x, activation, y, out,
                                                           grad_residual)
-    if ghost is None:
-        dx, dweight, dbias = _backward_part(dy, x, mean, invstd, weight, training, out, axis,
-                                            relu, y, grad_residual, r, d)
-        return (dx if given_out is None else given_out), dweight, dbias
-    # Each ghost batch is written before the next is read: an output that
-    # overlaps an input other than as the same array is written later.
-    inputs = (dy, x, y)
-    target = _separate_target(out, inputs)
-    dx = _new_like(x, axis) if target is None else target
-    residual_target = _separate_target(grad_residual, inputs)
-    if grad_residual is not None and residual_target is None:
-        residual_target = np.empty_like(grad_residual)
-    dweight = np.zeros(n_channels)
-    dbias = np.zeros(n_channels)
-    for i, start in enumerate(range(0, x.shape[0], ghost)):
-        part = slice(start, start + ghost)
-        _, part_dweight, part_dbias = _backward_part(
-            dy[part], x[part], mean[i], invstd[i], weight, training, dx[part], axis, relu,
-            None if y is None else y[part],
-            None if residual_target is None else residual_target[part],
-            None if r is None else r[i], None if d is None else d[i])
-        dweight += part_dweight
-        dbias += part_dbias
-    if out is not None and target is not out:
-        np.copyto(out, dx)
-    if grad_residual is not None and residual_target is not grad_residual:
-        np.copyto(grad_residual, residual_target)
-    dx = dx if given_out is None else given_out
-    return dx, dweight.astype(x.dtype), dbias.astype(x.dtype)
+    dx, dweight, dbias = _backward_parts(dy, x, mean, invstd, weight, training, out, axis,
+                                         relu, y, grad_residual, r, d, ghost)
+    return (dx if given_out is None else given_out), dweight, dbias
 
 
 def _per_ghost(v, shape, name):
@@ -899,51 +842,77 @@ def _per_ghost(v, shape, name):
     return np.array(a, dtype=np.float64)
 
 
-def _backward_part(dy, x, mean, invstd, weight, training, out, axis, relu, y, grad_residual,
-                   r=None, d=None):
-    """backward of checked arguments (one ghost batch, or the whole batch);
-    with renorm's r and d when given.  Returns (dx, dweight, dbias), dx in
-    `out` when given, the gradients of the parameters of x's dtype."""
+def _backward_parts(dy, x, mean, invstd, weight, training, out, axis, relu, y, grad_residual,
+                    r=None, d=None, ghost=None):
+    """backward of checked arguments, with renorm's r and d when given, and
+    with ghost = G the statistics (and r, d) of each run of G samples, of
+    shape (N/G, C).  Returns (dx, dweight, dbias), dx in `out` when given,
+    the gradients of the parameters of x's dtype."""
     n_channels = x.shape[axis]
     if grad_residual is not None and not relu:
         np.copyto(grad_residual, dy)  # before out=dy may overwrite it
     if x.size == 0:
         zeros = np.zeros(n_channels, x.dtype)
         return _empty_result(x, out), zeros, zeros.copy()
+    n_parts = 1 if ghost is None else x.shape[0] // ghost
+    mean, invstd = mean.reshape(n_parts, n_channels), invstd.reshape(n_parts, n_channels)
+    weights = np.empty((n_parts, n_channels))  # the kernel's weight for each ghost batch
+    weights[...] = weight
     if r is not None:  # dx = (weight * r) * invstd * (...): the plain kernel's
+        r, d = r.reshape(n_parts, n_channels), d.reshape(n_parts, n_channels)
         with np.errstate(invalid="ignore", over="ignore"):
-            weight = weight * r
+            np.multiply(weights, r, out=weights)
     scale = None
-    if x.dtype == np.float64 and _kernels.any_below(invstd, _SMALLEST_PLAIN_INVSTD):
+    if x.dtype == np.float64 and _kernels.any_below(invstd.reshape(-1),
+                                                    _SMALLEST_PLAIN_INVSTD):
         x, mean, invstd, scale = _backward_scales(x, axis, mean, invstd)
 
     layout, (dy_view, x_view, y_view), (dx_view, g_view), (dx, _), finish = _plan(
         [_to_axis1(a, axis) for a in (dy, x, y if relu else None)],
         [(_to_axis1(out, axis), True), (_to_axis1(grad_residual if relu else None, axis), False)])
-    dweight = np.empty(n_channels, x.dtype)
-    dbias = np.empty(n_channels, x.dtype)
-    _KERNELS["backward_" + layout][x.dtype](dy_view, x_view, dx_view, mean, invstd, weight,
-                                            training, dweight, dbias, y_view, g_view)
+    dweight = np.empty((n_parts, n_channels), x.dtype)
+    dbias = np.empty((n_parts, n_channels), x.dtype)
+    _KERNELS["backward_" + layout][x.dtype](
+        dy_view, x_view, dx_view, mean.reshape(-1), invstd.reshape(-1),
+        weights.reshape(-1), training, dweight.reshape(-1),
+        dbias.reshape(-1), y_view, g_view, n_parts)
     finish()
     dx = _result(out, dx, axis)
     if scale is not None:  # dx of the scaled data is scale times too small
-        np.multiply(dx, scale.reshape((-1,) + (1,) * (x.ndim - 1 - axis)), out=dx)
+        _scale_parts(dx, axis, scale)
     if r is not None:
         # sum(dy * (r*xhat + d)) = r*dweight + d*dbias, in float64; d = 0 adds
         # nothing (not even 0 * Inf), so rmax=1, dmax=0 is plain batch norm.
         with np.errstate(invalid="ignore", over="ignore"):
-            plain = r * dweight
-            dweight = np.where(d == 0, plain, plain + d * dbias).astype(x.dtype)
-    return dx, dweight, dbias
+            dweight = dweight * r
+            np.add(dweight, d * dbias, out=dweight, where=d != 0)
+    if n_parts == 1:
+        return dx, dweight[0].astype(x.dtype), dbias[0]
+    # the sums over the ghost batches, in float64, rounded once
+    return (dx, np.add.reduce(dweight, axis=0, dtype=np.float64).astype(x.dtype),
+            np.add.reduce(dbias, axis=0, dtype=np.float64).astype(x.dtype))
 
 
 def _backward_scales(x, axis, mean, invstd):
-    """x, mean and invstd of data scaled by a power of two per channel, so that
-    its standard deviation is about 1: the gradients of x-hat are the same
-    and dx is the scaled data's times the scale."""
+    """x, mean and invstd of data scaled by a power of two per channel (per
+    ghost batch and channel when mean and invstd are (N/G, C)), so that its
+    standard deviation is about 1: the gradients of x-hat are the same and
+    dx is the scaled data's times the scale."""
     scale = np.where(invstd < _SMALLEST_PLAIN_INVSTD, np.ldexp(1.0, np.frexp(invstd)[1]), 1.0)
-    shape = (-1,) + (1,) * (x.ndim - 1 - axis)
-    return x * scale.reshape(shape), mean * scale, invstd / scale, scale
+    x = x.copy(order="K")
+    _scale_parts(x, axis, scale)
+    return x, mean * scale, invstd / scale, scale
+
+
+def _scale_parts(a, axis, scale):
+    """a *= scale in place, with scale of shape (C,), or (P, C): row p for
+    the p-th of P equal runs of samples."""
+    scale = scale.reshape(-1, scale.shape[-1])
+    n_samples = a.shape[0] // scale.shape[0]
+    per_channel = (-1,) + (1,) * (a.ndim - 1 - axis)
+    for p, row in enumerate(scale):
+        part = a[p * n_samples:(p + 1) * n_samples]
+        np.multiply(part, row.reshape(per_channel), out=part)
 
 
 def fold_batch_norm(weight, bias, bn):

@@ -374,6 +374,20 @@ cdef inline Rows columns(Rows v, Py_ssize_t c, floating *like) noexcept nogil:
     return v
 
 
+cdef inline Planar batch_from(Planar v, Py_ssize_t n, floating *like) noexcept nogil:
+    """The view from sample n on (absent operands stay absent)."""
+    if v.data != NULL:
+        v.data = <char *>(<floating *>v.data + n * v.batch_stride)
+    return v
+
+
+cdef inline Rows rows_from(Rows v, Py_ssize_t n, floating *like) noexcept nogil:
+    """The view from row n on (absent operands stay absent)."""
+    if v.data != NULL:
+        v.data = <char *>(<floating *>v.data + n * v.row_stride)
+    return v
+
+
 cdef inline floating *channel(Planar v, Py_ssize_t c, floating *like) noexcept nogil:
     """Channel c's first value, or NULL for an absent operand (`like` only
     selects the element type)."""
@@ -906,13 +920,10 @@ cdef inline Py_ssize_t runs_per_chunk(Py_ssize_t n_spatial) noexcept nogil:
 cdef void runs_affine_all(Planar x, Planar res, Planar y, Py_ssize_t n_batch,
                           Py_ssize_t n_channels, Py_ssize_t n_spatial, const double *mean,
                           const double *scale, const double *shift, int relu,
-                          Py_ssize_t n_arrays, bint rereads, int n_threads,
-                          floating *like) noexcept nogil:
+                          bint stream, int n_threads, floating *like) noexcept nogil:
     """The affine pass over all runs in memory order (chunks are independent:
     their split may depend on anything)."""
     cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
-    cdef bint stream = streamed(n_runs * n_spatial, n_arrays, rereads, n_spatial,
-                                sizeof(floating))
     if n_threads == 1:  # one task, no parallel region, whose start-up dominates small calls
         runs_affine(x, res, y, n_channels, n_spatial, 0, n_runs, mean, scale, shift, relu,
                     stream, like)
@@ -926,11 +937,9 @@ cdef void runs_grad_input_all(Planar dy, Planar y, Planar x, Planar dx, Planar g
                               Py_ssize_t n_batch, Py_ssize_t n_channels,
                               Py_ssize_t n_spatial, const double *mean,
                               const double *dy_shift, const double *x_coef,
-                              const double *scale, Py_ssize_t n_arrays, bint rereads,
-                              int n_threads, floating *like) noexcept nogil:
+                              const double *scale, bint stream, int n_threads,
+                              floating *like) noexcept nogil:
     cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
-    cdef bint stream = streamed(n_runs * n_spatial, n_arrays, rereads, n_spatial,
-                                sizeof(floating))
     if n_threads == 1:  # as in runs_affine_all
         runs_grad_input(dy, y, x, dx, g_out, n_channels, n_spatial, 0, n_runs, mean, dy_shift,
                         x_coef, scale, stream, like)
@@ -953,23 +962,22 @@ ctypedef struct RowsWrite:
 
 
 cdef inline RowsWrite rows_write(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels,
-                                 Py_ssize_t n_arrays, bint rereads,
-                                 Py_ssize_t itemsize) noexcept nogil:
+                                 bint stream, Py_ssize_t itemsize) noexcept nogil:
     """The element-wise passes split the rows alone, whatever the sums did
     (no value depends on the split): a range of whole rows is one stretch of
     memory."""
     cdef RowsWrite w
     w.n_parts = max(1, min(ROWS_TASKS, n_rows // WRITE_ROWS_MIN))
     w.block = rows_write_block(x, n_rows, n_channels, itemsize)
-    w.stream = streamed(n_rows * n_channels, n_arrays, rereads, n_channels, itemsize)
+    w.stream = stream
     return w
 
 
 cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
                           Py_ssize_t n_channels, const double *mean, const double *scale,
-                          const double *shift, int relu, Py_ssize_t n_arrays, bint rereads,
-                          int n_threads, floating *like) noexcept nogil:
-    cdef RowsWrite w = rows_write(x, n_rows, n_channels, n_arrays, rereads, sizeof(floating))
+                          const double *shift, int relu, bint stream, int n_threads,
+                          floating *like) noexcept nogil:
+    cdef RowsWrite w = rows_write(x, n_rows, n_channels, stream, sizeof(floating))
     cdef Py_ssize_t p
     if n_threads == 1:  # as in runs_affine_all
         rows_affine(x, res, y, n_channels, 0, n_rows, mean, scale, shift, relu, w.block,
@@ -984,9 +992,9 @@ cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
 cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                               Py_ssize_t n_rows, Py_ssize_t n_channels, const double *mean,
                               const double *dy_shift, const double *x_coef,
-                              const double *scale, Py_ssize_t n_arrays, bint rereads,
-                              int n_threads, floating *like) noexcept nogil:
-    cdef RowsWrite w = rows_write(x, n_rows, n_channels, n_arrays, rereads, sizeof(floating))
+                              const double *scale, bint stream, int n_threads,
+                              floating *like) noexcept nogil:
+    cdef RowsWrite w = rows_write(x, n_rows, n_channels, stream, sizeof(floating))
     cdef Py_ssize_t p
     if n_threads == 1:  # as in runs_affine_all
         rows_grad_input(dy, y, x, dx, g_out, n_channels, 0, n_rows, mean, dy_shift, x_coef,
@@ -998,14 +1006,12 @@ cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                         w.block, w.stream, like)
 
 
-cdef inline bint fused_channels(Py_ssize_t n_channels, Py_ssize_t n_spatial,
-                                Py_ssize_t count, Py_ssize_t n_arrays,
-                                Py_ssize_t itemsize) noexcept nogil:
+cdef inline bint fused_channels(Py_ssize_t n_channels, Py_ssize_t count,
+                                bint memory_order) noexcept nogil:
     """One task per channel, statistics and element-wise pass back to back:
-    unless the runs are short in a big call (see short_runs), and with
-    enough channels to keep the threads busy."""
-    return (not short_runs(count * n_channels, n_arrays, n_spatial, itemsize)
-            and planar_parts(n_channels, count) == 1)
+    unless the call walks memory in order (see short_runs), and with enough
+    channels to keep the threads busy."""
+    return not memory_order and planar_parts(n_channels, count) == 1
 
 
 cdef inline Py_ssize_t planar_scratch(Py_ssize_t n_batch, Py_ssize_t n_channels,
@@ -1016,12 +1022,12 @@ cdef inline Py_ssize_t planar_scratch(Py_ssize_t n_batch, Py_ssize_t n_channels,
 
 
 cdef void planar_statistics(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
-                            Py_ssize_t n_spatial, Py_ssize_t n_arrays, double *partial,
+                            Py_ssize_t n_spatial, bint memory_order, double *partial,
                             double *mean, double *m2, int n_threads,
                             floating *like) noexcept nogil:
-    """mean and M2 of every channel, for a call on n_arrays arrays."""
+    """mean and M2 of every channel, in memory order or channel by channel."""
     cdef Py_ssize_t count = n_batch * n_spatial
-    if short_runs(count * n_channels, n_arrays, n_spatial, sizeof(floating)):
+    if memory_order:
         runs_moments(x, n_batch, n_channels, n_spatial, partial, mean, m2, n_threads, like)
     else:
         planar_moments(x, n_channels, n_spatial, count, partial, mean, m2, n_threads, like)
@@ -1029,12 +1035,12 @@ cdef void planar_statistics(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
 
 cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
                                Py_ssize_t n_channels, Py_ssize_t n_spatial,
-                               Py_ssize_t n_arrays, const double *mean, double *partial,
+                               bint memory_order, const double *mean, double *partial,
                                double *sum_dy, double *sum_dy_xmu, int n_threads,
                                floating *like) noexcept nogil:
-    """Gradient sums of every channel, for a call on n_arrays arrays."""
+    """Gradient sums of every channel, in memory order or channel by channel."""
     cdef Py_ssize_t count = n_batch * n_spatial
-    if short_runs(count * n_channels, n_arrays, n_spatial, sizeof(floating)):
+    if memory_order:
         runs_grad_sums_all(dy, y, x, n_batch, n_channels, n_spatial, mean, partial, sum_dy,
                            sum_dy_xmu, n_threads, like)
     else:
@@ -1053,19 +1059,27 @@ ctypedef struct Renorm:
     double r_low, r_high, d_high
 
 
-cdef Renorm renorm_view(object renorm, Py_ssize_t n_channels) except *:
+cdef Renorm renorm_view(object renorm, Py_ssize_t n_channels, Py_ssize_t ghosts) except *:
     """The Renorm of forward_train's `renorm`: None, or (running_mean,
     running_std, r, d, (1/rmax, rmax, dmax)) with float64 (C,) vectors, r and
-    d written."""
+    d (ghosts x C, written)."""
     cdef Renorm rn
     rn.running_mean = rn.running_std = rn.r = rn.d = NULL
     rn.r_low = rn.r_high = rn.d_high = 0.0
     if renorm is not None:
         rn.running_mean = doubles(renorm[0], n_channels, False)
         rn.running_std = doubles(renorm[1], n_channels, False)
-        rn.r = doubles(renorm[2], n_channels, True)
-        rn.d = doubles(renorm[3], n_channels, True)
+        rn.r = doubles(renorm[2], ghosts * n_channels, True)
+        rn.d = doubles(renorm[3], ghosts * n_channels, True)
         rn.r_low, rn.r_high, rn.d_high = renorm[4]
+    return rn
+
+
+cdef inline Renorm renorm_from(Renorm rn, Py_ssize_t k) noexcept nogil:
+    """rn writing r and d from value k on (a ghost batch's row)."""
+    if rn.running_mean != NULL:
+        rn.r += k
+        rn.d += k
     return rn
 
 
@@ -1100,15 +1114,6 @@ cdef inline void train_coefficients(Py_ssize_t c, const double *mean, const doub
     shift[0] = weight[c] * d + bias[c]
 
 
-cdef void all_train_coefficients(Py_ssize_t n_channels, const double *mean,
-                                 const double *var, const double *invstd,
-                                 const double *weight, const double *bias, double eps,
-                                 Renorm rn, double *scale, double *shift) noexcept nogil:
-    cdef Py_ssize_t c
-    for c in range(n_channels):
-        train_coefficients(c, mean, var, invstd, weight, bias, eps, rn, &scale[c], &shift[c])
-
-
 # What the training forwards return: whether they wrote every channel.  A
 # float64 channel whose statistics are not finite (NaN or Inf in it, or a
 # spread beyond ~1e154 that overflows the sum of squares) is not written, so
@@ -1134,6 +1139,19 @@ cdef bint all_statistics_finite(const double *mean, const double *var, Py_ssize_
         if not statistics_finite(mean[c], var[c], like):
             return False
     return True
+
+
+cdef bint affine_coefficients(Py_ssize_t n_channels, Py_ssize_t count, double eps,
+                             const double *weight, const double *bias, const double *mean,
+                             double *var, double *invstd, Renorm rn, double *scale,
+                             double *shift, floating *like) noexcept nogil:
+    """invstd, and y = (x - mean) * scale + shift of every channel from its
+    statistics; whether these are all finite (else y is left unwritten)."""
+    cdef Py_ssize_t c
+    batch_scales(n_channels, count, eps, weight, var, invstd, scale)
+    for c in range(n_channels):
+        train_coefficients(c, mean, var, invstd, weight, bias, eps, rn, &scale[c], &shift[c])
+    return all_statistics_finite(mean, var, n_channels, like)
 
 
 cdef void train_channels(Planar x, Planar res, Planar y, Py_ssize_t first, Py_ssize_t end,
@@ -1207,6 +1225,41 @@ cdef void backward_channels(Planar dy, Planar y, Planar x, Planar dx, Planar g_o
             planar_grad_input_sums(dy, y, x, dx, g_out, c, n_spatial, count, mean[c],
                                    dy_shift, x_coef, scale, stream,
                                    mean[c + 1], &sum_dy[c + 1], &sum_dy_xmu[c + 1], like)
+
+
+cdef void train_ghosts(Planar x, Planar res, Planar y, Py_ssize_t first, Py_ssize_t end,
+                       Py_ssize_t ghosts, Py_ssize_t n_batch, Py_ssize_t n_channels,
+                       Py_ssize_t n_spatial, const double *weight, const double *bias,
+                       double eps, double *mean, double *var, double *invstd, Renorm rn,
+                       int relu, bint stream, bint overlap, floating *like) noexcept nogil:
+    """train_channels for channels [first, end) of each ghost batch of
+    n_batch samples in turn: one task for all of them, as a parallel region
+    costs more than a small ghost batch."""
+    cdef Py_ssize_t g, k
+    for g in range(ghosts):
+        k = g * n_channels
+        train_channels(batch_from(x, g * n_batch, like), batch_from(res, g * n_batch, like),
+                       batch_from(y, g * n_batch, like), first, end, n_spatial,
+                       n_batch * n_spatial, weight, bias, eps, mean + k, var + k, invstd + k,
+                       renorm_from(rn, k), relu, stream, overlap, like)
+
+
+cdef void backward_ghosts(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
+                          Py_ssize_t first, Py_ssize_t end, Py_ssize_t ghosts,
+                          Py_ssize_t n_batch, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+                          const double *mean, const double *invstd, const double *weight,
+                          bint training, double *sum_dy, double *sum_dy_xmu, bint stream,
+                          bint overlap, floating *like) noexcept nogil:
+    """backward_channels for channels [first, end) of each ghost batch in
+    turn, as train_ghosts."""
+    cdef Py_ssize_t g, k, n
+    for g in range(ghosts):
+        k, n = g * n_channels, g * n_batch
+        backward_channels(batch_from(dy, n, like), batch_from(y, n, like),
+                          batch_from(x, n, like), batch_from(dx, n, like),
+                          batch_from(g_out, n, like), first, end, n_spatial,
+                          n_batch * n_spatial, mean + k, invstd + k, weight + k, training,
+                          sum_dy + k, sum_dy_xmu + k, stream, overlap, like)
 
 
 cdef void byte_bounds(cnp.ndarray a, char **low, char **high) noexcept:
@@ -1297,90 +1350,108 @@ def float64_copy(v, Py_ssize_t n):
 # (forward_train_planar["float"]).
 
 def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
-                         residual=None, bint relu=False, renorm=None, floating kind=0):
+                         residual=None, bint relu=False, renorm=None, Py_ssize_t ghosts=1,
+                         floating kind=0):
     """out = act((x - mean)*invstd*weight + bias [+ residual]) with the batch
     statistics, which are written to mean, var (biased) and invstd; with
-    renorm (see renorm_view), batch renormalization's.  Returns ALL_WRITTEN,
-    or which channels were not (see WRITTEN_BUT_NON_FINITE)."""
+    renorm (see renorm_view), batch renormalization's.  The batch is `ghosts`
+    ghost batches of equal size, each normalized with its own statistics:
+    mean, var and invstd (and r, d) hold ghosts x C values.  Returns
+    ALL_WRITTEN, or which channels were not (see WRITTEN_BUT_NON_FINITE)."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
-    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
-    cdef Py_ssize_t n_spatial = spatial_extent(x)
+    cdef Py_ssize_t n_batch = extent(x, 0) // ghosts, n_channels = extent(x, 1)
+    cdef Py_ssize_t n_spatial = spatial_extent(x), n_stats = ghosts * n_channels
     cdef Planar rv = planar(residual, x, False, like), yv = planar(out, x, True, like)
     cdef const double *weight_p = doubles(weight, n_channels, False)
     cdef const double *bias_p = doubles(bias, n_channels, False)
-    cdef double *mean_p = doubles(mean, n_channels, True)
-    cdef double *var_p = doubles(var, n_channels, True)
-    cdef double *invstd_p = doubles(invstd, n_channels, True)
-    cdef Py_ssize_t count = n_batch * n_spatial, t
-    cdef int n_threads = threads_for(count * n_channels)
-    cdef double *work = NULL
+    cdef double *mean_p = doubles(mean, n_stats, True)
+    cdef double *var_p = doubles(var, n_stats, True)
+    cdef double *invstd_p = doubles(invstd, n_stats, True)
+    cdef Py_ssize_t count = n_batch * n_spatial, t, g, k
+    cdef int n_threads = threads_for(count * n_stats)
     cdef Py_ssize_t n_arrays = affine_arrays(rv.data != NULL)
-    cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
+    # how to walk a ghost batch's memory; whether the call's output fits in the cache
+    cdef bint memory_order = short_runs(count * n_channels, n_arrays, n_spatial,
+                                        sizeof(floating))
+    cdef bint stream = streamed(count * n_stats, n_arrays, True, n_spatial, sizeof(floating))
     cdef bint overlap = overlaps_next(stream, count, 1, sizeof(floating))
-    cdef Renorm rn = renorm_view(renorm, n_channels)
-    if fused_channels(n_channels, n_spatial, count, n_arrays, sizeof(floating)):
+    cdef Renorm rn = renorm_view(renorm, n_channels, ghosts)
+    if fused_channels(n_channels, count, memory_order):
         with nogil:
             if n_threads == 1:  # no parallel region, whose start-up dominates small calls
-                train_channels(xv, rv, yv, 0, n_channels, n_spatial, count, weight_p, bias_p,
-                               eps, mean_p, var_p, invstd_p, rn, relu, stream, overlap, like)
+                train_ghosts(xv, rv, yv, 0, n_channels, ghosts, n_batch, n_channels, n_spatial,
+                             weight_p, bias_p, eps, mean_p, var_p, invstd_p, rn, relu, stream,
+                             overlap, like)
             else:
                 for t in prange(n_threads, schedule='static', num_threads=n_threads):
-                    train_channels(xv, rv, yv, part_start(t, n_threads, n_channels),
-                                   part_start(t + 1, n_threads, n_channels), n_spatial, count,
-                                   weight_p, bias_p, eps, mean_p, var_p, invstd_p, rn, relu,
-                                   stream, overlap, like)
-        if all_statistics_finite(mean_p, var_p, n_channels, like):
+                    train_ghosts(xv, rv, yv, part_start(t, n_threads, n_channels),
+                                 part_start(t + 1, n_threads, n_channels), ghosts, n_batch,
+                                 n_channels, n_spatial, weight_p, bias_p, eps, mean_p, var_p,
+                                 invstd_p, rn, relu, stream, overlap, like)
+        if all_statistics_finite(mean_p, var_p, n_stats, like):
             return ALL_WRITTEN_
         return WRITTEN_BUT_NON_FINITE_
     cdef int written = ALL_WRITTEN_
-    work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + 2 * n_channels)
+    cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + 2 * n_channels)
     try:
         with nogil:
-            planar_statistics(xv, n_batch, n_channels, n_spatial, n_arrays,
-                              work + 2 * n_channels, mean_p, var_p, n_threads, like)
-            batch_scales(n_channels, count, eps, weight_p, var_p, invstd_p, work)
-            all_train_coefficients(n_channels, mean_p, var_p, invstd_p, weight_p, bias_p, eps,
-                                   rn, work, work + n_channels)
-            if not all_statistics_finite(mean_p, var_p, n_channels, like):
-                written = NONE_WRITTEN_
-            else:
-                runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, work,
-                                work + n_channels, relu, n_arrays, True, n_threads, like)
+            for g in range(ghosts):
+                k = g * n_channels
+                planar_statistics(batch_from(xv, g * n_batch, like), n_batch, n_channels,
+                                  n_spatial, memory_order, work + 2 * n_channels, mean_p + k,
+                                  var_p + k, n_threads, like)
+                if not affine_coefficients(n_channels, count, eps, weight_p, bias_p, mean_p + k,
+                                           var_p + k, invstd_p + k, renorm_from(rn, k), work,
+                                           work + n_channels, like):
+                    written = NONE_WRITTEN_  # of this ghost batch
+                else:
+                    runs_affine_all(batch_from(xv, g * n_batch, like),
+                                    batch_from(rv, g * n_batch, like),
+                                    batch_from(yv, g * n_batch, like), n_batch, n_channels,
+                                    n_spatial, mean_p + k, work, work + n_channels, relu,
+                                    stream, n_threads, like)
     finally:
         free(work)
     return written
 
 
 def forward_train_rows(x, out, weight, bias, double eps, mean, var, invstd, residual=None,
-                       bint relu=False, renorm=None, floating kind=0):
+                       bint relu=False, renorm=None, Py_ssize_t ghosts=1, floating kind=0):
     """forward_train_planar for the rows layout."""
     cdef floating *like = NULL
     cdef Rows xv = rows(x, None, False, like)
-    cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
+    cdef Py_ssize_t n_rows = extent(x, 0) // ghosts, n_channels = extent(x, 1)
+    cdef Py_ssize_t n_stats = ghosts * n_channels, g, k
     cdef Rows rv = rows(residual, x, False, like), yv = rows(out, x, True, like)
     cdef const double *weight_p = doubles(weight, n_channels, False)
     cdef const double *bias_p = doubles(bias, n_channels, False)
-    cdef double *mean_p = doubles(mean, n_channels, True)
-    cdef double *var_p = doubles(var, n_channels, True)
-    cdef double *invstd_p = doubles(invstd, n_channels, True)
+    cdef double *mean_p = doubles(mean, n_stats, True)
+    cdef double *var_p = doubles(var, n_stats, True)
+    cdef double *invstd_p = doubles(invstd, n_stats, True)
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef int n_threads = threads_for(n_rows * n_channels)
-    cdef Renorm rn = renorm_view(renorm, n_channels)
+    cdef int n_threads = threads_for(n_rows * n_stats)
+    cdef Renorm rn = renorm_view(renorm, n_channels, ghosts)
+    cdef bint stream = streamed(n_rows * n_stats, affine_arrays(rv.data != NULL), True,
+                                n_channels, sizeof(floating))
     cdef double *work = scratch(n_channels * (2 * n_parts + 2))
     cdef int written = ALL_WRITTEN_
     try:
         with nogil:
-            rows_moments(xv, n_rows, n_channels, n_parts, work, mean_p, var_p, n_threads, like)
-            batch_scales(n_channels, n_rows, eps, weight_p, var_p, invstd_p, work)
-            all_train_coefficients(n_channels, mean_p, var_p, invstd_p, weight_p, bias_p, eps,
-                                   rn, work, work + n_channels)
-            if not all_statistics_finite(mean_p, var_p, n_channels, like):
-                written = NONE_WRITTEN_
-            else:
-                rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, work,
-                                work + n_channels, relu, affine_arrays(rv.data != NULL), True,
-                                n_threads, like)
+            for g in range(ghosts):  # ghost batches are runs of rows
+                k = g * n_channels
+                rows_moments(rows_from(xv, g * n_rows, like), n_rows, n_channels, n_parts, work,
+                             mean_p + k, var_p + k, n_threads, like)
+                if not affine_coefficients(n_channels, n_rows, eps, weight_p, bias_p, mean_p + k,
+                                           var_p + k, invstd_p + k, renorm_from(rn, k), work,
+                                           work + n_channels, like):
+                    written = NONE_WRITTEN_  # of this ghost batch
+                else:
+                    rows_affine_all(rows_from(xv, g * n_rows, like),
+                                    rows_from(rv, g * n_rows, like),
+                                    rows_from(yv, g * n_rows, like), n_rows, n_channels,
+                                    mean_p + k, work, work + n_channels, relu, stream,
+                                    n_threads, like)
     finally:
         free(work)
     return written
@@ -1397,93 +1468,116 @@ cdef void parameter_gradients(Py_ssize_t n_channels, const double *sum_dy,
 
 
 def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias,
-                    relu_output=None, grad_residual=None, floating kind=0):
+                    relu_output=None, grad_residual=None, Py_ssize_t ghosts=1,
+                    floating kind=0):
     """dx, dweight and dbias.  With relu_output (the forward's y), dy counts
     only where y > 0, and that masked dy is also written to grad_residual
-    when given."""
+    when given.  With ghosts (see forward_train_planar), mean, invstd,
+    weight, dweight and dbias hold ghosts x C values."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
-    cdef Py_ssize_t n_batch = extent(x, 0), n_channels = extent(x, 1)
-    cdef Py_ssize_t n_spatial = spatial_extent(x)
+    cdef Py_ssize_t n_batch = extent(x, 0) // ghosts, n_channels = extent(x, 1)
+    cdef Py_ssize_t n_spatial = spatial_extent(x), n_stats = ghosts * n_channels, g, k
     cdef Planar dyv = planar(dy, x, False, like), yv = planar(relu_output, x, False, like)
     cdef Planar dxv = planar(dx, x, True, like), gv = planar(grad_residual, x, True, like)
-    cdef const double *mean_p = doubles(mean, n_channels, False)
-    cdef const double *invstd_p = doubles(invstd, n_channels, False)
-    cdef const double *weight_p = doubles(weight, n_channels, False)
-    cdef floating *dweight_p = values(dweight, n_channels, True, like)
-    cdef floating *dbias_p = values(dbias, n_channels, True, like)
+    cdef const double *mean_p = doubles(mean, n_stats, False)
+    cdef const double *invstd_p = doubles(invstd, n_stats, False)
+    cdef const double *weight_p = doubles(weight, n_stats, False)
+    cdef floating *dweight_p = values(dweight, n_stats, True, like)
+    cdef floating *dbias_p = values(dbias, n_stats, True, like)
     cdef Py_ssize_t count = n_batch * n_spatial, t
-    cdef int n_threads = threads_for(count * n_channels)
+    cdef int n_threads = threads_for(count * n_stats)
     cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
-    cdef bint stream = streamed(count * n_channels, n_arrays, True, n_spatial, sizeof(floating))
-    cdef bint fused = fused_channels(n_channels, n_spatial, count, n_arrays, sizeof(floating))
+    cdef bint memory_order = short_runs(count * n_channels, n_arrays, n_spatial,
+                                        sizeof(floating))  # as in the forward
+    cdef bint stream = streamed(count * n_stats, n_arrays, True, n_spatial, sizeof(floating))
+    cdef bint fused = fused_channels(n_channels, count, memory_order)
     cdef bint overlap = overlaps_next(stream, count, 3 if yv.data != NULL else 2,
                                       sizeof(floating))
     # sum_dy, sum_dy_xmu, then (not fused) dy_shift, x_coef, scale and partial sums
-    cdef double *work = scratch(2 * n_channels if fused else
-                                5 * n_channels + planar_scratch(n_batch, n_channels, n_spatial))
+    cdef double *work = scratch(2 * n_stats if fused else 2 * n_stats + 3 * n_channels
+                                + planar_scratch(n_batch, n_channels, n_spatial))
     cdef double *sum_dy = work
-    cdef double *sum_dy_xmu = work + n_channels
-    cdef double *coefficients = work + 2 * n_channels
+    cdef double *sum_dy_xmu = work + n_stats
+    cdef double *coefficients = work + 2 * n_stats
     try:
         with nogil:
             if fused and n_threads == 1:  # no parallel region, as in the forward
-                backward_channels(dyv, yv, xv, dxv, gv, 0, n_channels, n_spatial, count,
-                                  mean_p, invstd_p, weight_p, training, sum_dy, sum_dy_xmu,
-                                  stream, overlap, like)
+                backward_ghosts(dyv, yv, xv, dxv, gv, 0, n_channels, ghosts, n_batch,
+                                n_channels, n_spatial, mean_p, invstd_p, weight_p, training,
+                                sum_dy, sum_dy_xmu, stream, overlap, like)
             elif fused:
                 for t in prange(n_threads, schedule='static', num_threads=n_threads):
-                    backward_channels(dyv, yv, xv, dxv, gv, part_start(t, n_threads, n_channels),
-                                      part_start(t + 1, n_threads, n_channels), n_spatial,
-                                      count, mean_p, invstd_p, weight_p, training, sum_dy,
-                                      sum_dy_xmu, stream, overlap, like)
+                    backward_ghosts(dyv, yv, xv, dxv, gv, part_start(t, n_threads, n_channels),
+                                    part_start(t + 1, n_threads, n_channels), ghosts, n_batch,
+                                    n_channels, n_spatial, mean_p, invstd_p, weight_p,
+                                    training, sum_dy, sum_dy_xmu, stream, overlap, like)
             else:
-                planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial, n_arrays,
-                                     mean_p, coefficients + 3 * n_channels, sum_dy,
-                                     sum_dy_xmu, n_threads, like)
-                grad_coefficients(n_channels, count, training, sum_dy, sum_dy_xmu, invstd_p,
-                                  weight_p, coefficients, coefficients + n_channels,
-                                  coefficients + 2 * n_channels)
-                runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial,
-                                    mean_p, coefficients, coefficients + n_channels,
-                                    coefficients + 2 * n_channels, n_arrays, True, n_threads,
-                                    like)
-            parameter_gradients(n_channels, sum_dy, sum_dy_xmu, invstd_p, dweight_p, dbias_p)
+                for g in range(ghosts):
+                    k = g * n_channels
+                    planar_gradient_sums(batch_from(dyv, g * n_batch, like),
+                                         batch_from(yv, g * n_batch, like),
+                                         batch_from(xv, g * n_batch, like), n_batch,
+                                         n_channels, n_spatial, memory_order, mean_p + k,
+                                         coefficients + 3 * n_channels, sum_dy + k,
+                                         sum_dy_xmu + k, n_threads, like)
+                    grad_coefficients(n_channels, count, training, sum_dy + k, sum_dy_xmu + k,
+                                      invstd_p + k, weight_p + k, coefficients,
+                                      coefficients + n_channels, coefficients + 2 * n_channels)
+                    runs_grad_input_all(batch_from(dyv, g * n_batch, like),
+                                        batch_from(yv, g * n_batch, like),
+                                        batch_from(xv, g * n_batch, like),
+                                        batch_from(dxv, g * n_batch, like),
+                                        batch_from(gv, g * n_batch, like), n_batch, n_channels,
+                                        n_spatial, mean_p + k, coefficients,
+                                        coefficients + n_channels,
+                                        coefficients + 2 * n_channels, stream, n_threads, like)
+            parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, dweight_p, dbias_p)
     finally:
         free(work)
 
 
 def backward_rows(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias,
-                  relu_output=None, grad_residual=None, floating kind=0):
+                  relu_output=None, grad_residual=None, Py_ssize_t ghosts=1, floating kind=0):
     """backward_planar for the rows layout."""
     cdef floating *like = NULL
     cdef Rows xv = rows(x, None, False, like)
-    cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
+    cdef Py_ssize_t n_rows = extent(x, 0) // ghosts, n_channels = extent(x, 1)
+    cdef Py_ssize_t n_stats = ghosts * n_channels, g, k, n
     cdef Rows dyv = rows(dy, x, False, like), yv = rows(relu_output, x, False, like)
     cdef Rows dxv = rows(dx, x, True, like), gv = rows(grad_residual, x, True, like)
-    cdef const double *mean_p = doubles(mean, n_channels, False)
-    cdef const double *invstd_p = doubles(invstd, n_channels, False)
-    cdef const double *weight_p = doubles(weight, n_channels, False)
-    cdef floating *dweight_p = values(dweight, n_channels, True, like)
-    cdef floating *dbias_p = values(dbias, n_channels, True, like)
+    cdef const double *mean_p = doubles(mean, n_stats, False)
+    cdef const double *invstd_p = doubles(invstd, n_stats, False)
+    cdef const double *weight_p = doubles(weight, n_stats, False)
+    cdef floating *dweight_p = values(dweight, n_stats, True, like)
+    cdef floating *dbias_p = values(dbias, n_stats, True, like)
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef int n_threads = threads_for(n_rows * n_channels)
+    cdef int n_threads = threads_for(n_rows * n_stats)
+    cdef bint stream = streamed(n_rows * n_stats,
+                                grad_input_arrays(yv.data != NULL, gv.data != NULL), True,
+                                n_channels, sizeof(floating))
     # sum_dy, sum_dy_xmu, then the partial sums, later dy_shift, x_coef, scale
-    cdef double *work = scratch(n_channels * (2 * n_parts + 5))
+    cdef double *work = scratch(2 * n_stats + n_channels * (2 * n_parts + 3))
     cdef double *sum_dy = work
-    cdef double *sum_dy_xmu = work + n_channels
-    cdef double *rest = work + 2 * n_channels
+    cdef double *sum_dy_xmu = work + n_stats
+    cdef double *rest = work + 2 * n_stats
     try:
         with nogil:
-            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, mean_p, rest,
-                               sum_dy, sum_dy_xmu, n_threads, like)
-            grad_coefficients(n_channels, n_rows, training, sum_dy, sum_dy_xmu, invstd_p,
-                              weight_p, rest, rest + n_channels, rest + 2 * n_channels)
-            rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, mean_p, rest,
-                                rest + n_channels, rest + 2 * n_channels,
-                                grad_input_arrays(yv.data != NULL, gv.data != NULL), True,
-                                n_threads, like)
-            parameter_gradients(n_channels, sum_dy, sum_dy_xmu, invstd_p, dweight_p, dbias_p)
+            for g in range(ghosts):  # ghost batches are runs of rows
+                k, n = g * n_channels, g * n_rows
+                rows_grad_sums_all(rows_from(dyv, n, like), rows_from(yv, n, like),
+                                   rows_from(xv, n, like), n_rows, n_channels, n_parts,
+                                   mean_p + k, rest, sum_dy + k, sum_dy_xmu + k, n_threads,
+                                   like)
+                grad_coefficients(n_channels, n_rows, training, sum_dy + k, sum_dy_xmu + k,
+                                  invstd_p + k, weight_p + k, rest, rest + n_channels,
+                                  rest + 2 * n_channels)
+                rows_grad_input_all(rows_from(dyv, n, like), rows_from(yv, n, like),
+                                    rows_from(xv, n, like), rows_from(dxv, n, like),
+                                    rows_from(gv, n, like), n_rows, n_channels, mean_p + k,
+                                    rest, rest + n_channels, rest + 2 * n_channels, stream,
+                                    n_threads, like)
+            parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, dweight_p, dbias_p)
     finally:
         free(work)
 
@@ -1537,8 +1631,11 @@ def moments_planar(x, mean, m2, floating kind=0):
     cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial))
     try:
         with nogil:
-            planar_statistics(xv, n_batch, n_channels, n_spatial, 1, work, mean_p, m2_p,
-                              threads_for(n_batch * n_channels * n_spatial), like)
+            planar_statistics(xv, n_batch, n_channels, n_spatial,
+                              short_runs(n_batch * n_channels * n_spatial, 1, n_spatial,
+                                         sizeof(floating)),
+                              work, mean_p, m2_p, threads_for(n_batch * n_channels * n_spatial),
+                              like)
     finally:
         free(work)
 
@@ -1572,7 +1669,9 @@ def affine_planar(x, out, mean, scale, shift, residual=None, bint relu=False,
     cdef const double *shift_p = doubles(shift, n_channels, False)
     with nogil:
         runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, scale_p, shift_p,
-                        relu, affine_arrays(rv.data != NULL), False,
+                        relu, streamed(n_batch * n_channels * n_spatial,
+                                       affine_arrays(rv.data != NULL), False, n_spatial,
+                                       sizeof(floating)),
                         threads_for(n_batch * n_channels * n_spatial), like)
 
 
@@ -1586,7 +1685,8 @@ def affine_rows(x, out, mean, scale, shift, residual=None, bint relu=False, floa
     cdef const double *shift_p = doubles(shift, n_channels, False)
     with nogil:
         rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, scale_p, shift_p, relu,
-                        affine_arrays(rv.data != NULL), False,
+                        streamed(n_rows * n_channels, affine_arrays(rv.data != NULL), False,
+                                 n_channels, sizeof(floating)),
                         threads_for(n_rows * n_channels), like)
 
 
@@ -1603,7 +1703,9 @@ def grad_sums_planar(dy, x, mean, sum_dy, sum_dy_xmu, relu_output=None, floating
     try:
         with nogil:
             planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial,
-                                 2 + (yv.data != NULL), mean_p, work, sum_dy_p, sum_dy_xmu_p,
+                                 short_runs(n_batch * n_channels * n_spatial,
+                                            2 + (yv.data != NULL), n_spatial, sizeof(floating)),
+                                 mean_p, work, sum_dy_p, sum_dy_xmu_p,
                                  threads_for(n_batch * n_channels * n_spatial), like)
     finally:
         free(work)
@@ -1644,7 +1746,9 @@ def grad_input_planar(dy, x, dx, mean, dy_shift, x_coef, scale, relu_output=None
     with nogil:
         runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial, mean_p,
                             dy_shift_p, x_coef_p, scale_p,
-                            grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
+                            streamed(n_batch * n_channels * n_spatial,
+                                     grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
+                                     n_spatial, sizeof(floating)),
                             threads_for(n_batch * n_channels * n_spatial), like)
 
 
@@ -1662,5 +1766,7 @@ def grad_input_rows(dy, x, dx, mean, dy_shift, x_coef, scale, relu_output=None,
     with nogil:
         rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, mean_p, dy_shift_p,
                             x_coef_p, scale_p,
-                            grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
+                            streamed(n_rows * n_channels,
+                                     grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
+                                     n_channels, sizeof(floating)),
                             threads_for(n_rows * n_channels), like)

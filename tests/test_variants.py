@@ -322,6 +322,64 @@ def test_each_ghost_batch_gets_its_own_r_and_d_against_the_same_running_statisti
     assert np.all(np.abs(r[1] - r[0]) > 0.5)
 
 
+# Ghost batches take each kernel path as a plain call on one ghost batch
+# does: planar memory order (a ghost batch's arrays over 16 MiB, short runs),
+# channels cut into parts, one task per channel, and rows (2-D, and
+# channels-last); all ghost batches go through one kernel call.
+GHOST_PATHS = [((540, 16, 16, 16), 270, "planar"), ((64, 2, 32, 32), 32, "planar"),
+               ((70, 5, 2, 2), 35, "planar"), ((300, 40), 100, "planar"),
+               ((12, 7, 5, 5), 4, "channels-last")]
+
+
+@pytest.mark.parametrize("shape, ghost, layout", GHOST_PATHS,
+                         ids=["memory-order", "channels in parts", "per-channel", "rows",
+                              "channels-last"])
+@pytest.mark.parametrize("huge", [False, True], ids=["normal", "huge"])
+@pytest.mark.filterwarnings("ignore:cybn. the batch statistics are not finite")
+def test_ghost_batches_on_every_kernel_path(shape, ghost, layout, huge, dtype):
+    """y, the statistics, r, d and dx of ghost batches are bit for bit those
+    of plain calls on each ghost batch, on every kernel path, also in place
+    (out=x, out=dy), and with float64 values beyond 1e154 in one ghost
+    batch (whose statistics the kernels cannot compute: cybn._api computes
+    them again for that ghost batch alone)."""
+    x, dy, w, b, rm, rv = _problem(shape, dtype, seed=31)
+    if huge:  # the second ghost batch's channel 1; its variance is beyond float64's range
+        x[ghost:2 * ghost, 1] *= 1e290 if dtype == np.float64 else 1e30
+    axis = 1
+    if layout == "channels-last":
+        x, dy, axis = _to_channels_last(x), _to_channels_last(dy), -1
+    n_ghosts = shape[0] // ghost
+    for renorm in (None, RENORM):
+        stats = cybn.forward_train(x, w, b, rm.copy(), rv.copy(), renorm=renorm, axis=axis,
+                                   ghost_batch_size=ghost, stats_dtype=np.float64)
+        y, mean, invstd = stats[:3]
+        grads = cybn.backward(dy, x, mean, invstd, w, axis=axis, ghost_batch_size=ghost,
+                              renorm=None if renorm is None else stats[3:])
+        y_in_place = x.copy()
+        cybn.forward_train(y_in_place, w, b, rm.copy(), rv.copy(), renorm=renorm, axis=axis,
+                           ghost_batch_size=ghost, out=y_in_place)
+        dx_in_place = dy.copy()
+        cybn.backward(dx_in_place, x, mean, invstd, w, axis=axis, ghost_batch_size=ghost,
+                      renorm=None if renorm is None else stats[3:], out=dx_in_place)
+        np.testing.assert_array_equal(y_in_place, y)
+        np.testing.assert_array_equal(dx_in_place, grads[0])
+        dw_sum = db_sum = 0.0
+        for i in range(n_ghosts):
+            part = slice(i * ghost, (i + 1) * ghost)
+            stats_i = cybn.forward_train(x[part], w, b, rm.copy(), rv.copy(), renorm=renorm,
+                                         axis=axis, stats_dtype=np.float64)
+            np.testing.assert_array_equal(y[part], stats_i[0])
+            for whole, alone in zip(stats[1:], stats_i[1:]):
+                np.testing.assert_array_equal(whole[i], alone)
+            dx_i, dw_i, db_i = cybn.backward(dy[part], x[part], *stats_i[1:3], w, axis=axis,
+                                             renorm=None if renorm is None else stats_i[3:])
+            np.testing.assert_array_equal(grads[0][part], dx_i)
+            dw_sum, db_sum = dw_sum + dw_i.astype(np.float64), db_sum + db_i.astype(np.float64)
+        assert_close(grads[1], dw_sum, dtype, "dweight")
+        assert_close(grads[2], db_sum, dtype, "dbias")
+        assert np.isfinite(y).all() and np.isfinite(grads[0]).all()
+
+
 @pytest.mark.parametrize("shape", [(8, 13, 40, 40), (4096, 67), (8, 80, 40, 40)], ids=str)
 def test_bitwise_identical_for_any_thread_count(shape, dtype):
     x, dy, w, b, rm, rv = _problem(shape, dtype, seed=29)
