@@ -550,49 +550,60 @@ def _train(x, weight, bias, eps, out, axis, residual, relu, count, running=None,
     count is then the values per channel of one ghost batch."""
     n_channels = x.shape[axis]
     n_parts = 1 if ghost is None else x.shape[0] // ghost
-    if count == 0:
-        undefined = np.full((n_parts, n_channels), np.nan)  # statistics of no values
-        stats = [undefined[0] if ghost is None else undefined for _ in range(3)]
-        return (_empty_result(x, out), *(a.copy() for a in stats), None, None)
+    if count == 0:  # statistics of no values
+        shape = (n_channels,) if ghost is None else (n_parts, n_channels)
+        return (_empty_result(x, out), *(np.full(shape, np.nan) for _ in range(3)), None, None)
     layout, (x_view, residual_view), (y_view,), (y,), finish = _plan(
         [_to_axis1(x, axis), _to_axis1(residual, axis)], [(_to_axis1(out, axis), True)])
-    mean, var, invstd = (np.empty((n_parts, n_channels)) for _ in range(3))
-    r = d = running_std = None
+    n_stats = n_parts * n_channels  # ghost batch by ghost batch
+    mean, var, invstd = np.empty(n_stats), np.empty(n_stats), np.empty(n_stats)
+    r = d = renorm = None
     if limits is not None:
         with np.errstate(all="ignore"):  # IEEE results, as the kernels
             running_std = np.sqrt(running[1] + eps)
-        r, d = np.empty((n_parts, n_channels)), np.empty((n_parts, n_channels))
-    renorm = None if limits is None else (
-        running[0], running_std, r.reshape(-1), d.reshape(-1),
-        (1.0 / limits[0], limits[0], limits[1]))
+        r, d = np.empty(n_stats), np.empty(n_stats)
+        renorm = (running[0], running_std, r, d, (1.0 / limits[0], limits[0], limits[1]))
     written = _KERNELS["forward_train_" + layout][x.dtype](
-        x_view, y_view, weight, bias, eps, mean.reshape(-1), var.reshape(-1),
-        invstd.reshape(-1), residual_view, relu, renorm, n_parts)
+        x_view, y_view, weight, bias, eps, mean, var, invstd, residual_view, relu, renorm,
+        n_parts)
+    if ghost is not None:
+        mean, var, invstd = (a.reshape(n_parts, n_channels) for a in (mean, var, invstd))
+        r, d = (None, None) if limits is None else (r.reshape(mean.shape), d.reshape(mean.shape))
     if written != _kernels.ALL_WRITTEN:  # float64 statistics not finite somewhere
-        # A ghost batch is a run of view rows (samples, or samples' positions).
-        n_rows, n_samples = x_view.shape[0] // n_parts, x.shape[0] // n_parts
-        for p in range(n_parts):
-            finite = np.isfinite(mean[p]) & np.isfinite(var[p])
-            if finite.all():
-                continue
-            unwritten = (np.arange(n_channels) if written == _kernels.NONE_WRITTEN
-                         else np.flatnonzero(~finite))
-            _rescue(x[p * n_samples:(p + 1) * n_samples], axis, count, eps, mean[p], var[p],
-                    invstd[p])
-            scale, shift = weight * invstd[p], bias
-            if limits is not None:
-                r[p], d[p] = _renorm_corrections(mean[p], var[p], eps, running, limits)
-                with np.errstate(all="ignore"):
-                    scale, shift = weight * r[p] * invstd[p], weight * d[p] + bias
-            rows = slice(p * n_rows, (p + 1) * n_rows)
-            _affine_channels(unwritten, x_view[rows], mean[p], scale, shift, y_view[rows],
-                             None if residual_view is None else residual_view[rows], relu)
+        _rescue_ghosts(written, x, axis, count, eps, weight, bias, (mean, var, invstd, r, d),
+                       running, limits, (x_view, y_view, residual_view), relu)
     finish()
-    y = _result(out, y, axis)
-    if ghost is None:
-        mean, var, invstd = mean[0], var[0], invstd[0]
-        r, d = (None, None) if limits is None else (r[0], d[0])
-    return y, mean, var, invstd, r, d
+    return _result(out, y, axis), mean, var, invstd, r, d
+
+
+def _rescue_ghosts(written, x, axis, count, eps, weight, bias, stats, running, limits, views,
+                   relu):
+    """After a training kernel left channels unwritten (written, see
+    _kernels.ALL_WRITTEN): their statistics again by _rescue, then their y,
+    ghost batch by ghost batch (the statistics have a row per ghost batch,
+    or are (C,)); views: the kernel's x, y and residual."""
+    mean, var, invstd, r, d = (None if a is None else a.reshape(-1, a.shape[-1])
+                               for a in stats)
+    n_parts, n_channels = mean.shape
+    x_view, y_view, residual_view = views
+    # A ghost batch is a run of view rows (samples, or samples' positions).
+    n_rows, n_samples = x_view.shape[0] // n_parts, x.shape[0] // n_parts
+    for p in range(n_parts):
+        finite = np.isfinite(mean[p]) & np.isfinite(var[p])
+        if finite.all():
+            continue
+        unwritten = (np.arange(n_channels) if written == _kernels.NONE_WRITTEN
+                     else np.flatnonzero(~finite))
+        _rescue(x[p * n_samples:(p + 1) * n_samples], axis, count, eps, mean[p], var[p],
+                invstd[p])
+        scale, shift = weight * invstd[p], bias
+        if limits is not None:
+            r[p], d[p] = _renorm_corrections(mean[p], var[p], eps, running, limits)
+            with np.errstate(all="ignore"):
+                scale, shift = weight * r[p] * invstd[p], weight * d[p] + bias
+        rows = slice(p * n_rows, (p + 1) * n_rows)
+        _affine_channels(unwritten, x_view[rows], mean[p], scale, shift, y_view[rows],
+                         None if residual_view is None else residual_view[rows], relu)
 
 
 def _power_of_two_scales(values):
@@ -855,60 +866,58 @@ def _backward_parts(dy, x, mean, invstd, weight, training, out, axis, relu, y, g
         zeros = np.zeros(n_channels, x.dtype)
         return _empty_result(x, out), zeros, zeros.copy()
     n_parts = 1 if ghost is None else x.shape[0] // ghost
-    mean, invstd = mean.reshape(n_parts, n_channels), invstd.reshape(n_parts, n_channels)
-    weights = np.empty((n_parts, n_channels))  # the kernel's weight for each ghost batch
-    weights[...] = weight
+    weights = weight
+    if ghost is not None:  # the kernel takes these ghost batch by ghost batch
+        mean, invstd, weights = mean.reshape(-1), invstd.reshape(-1), np.tile(weight, n_parts)
     if r is not None:  # dx = (weight * r) * invstd * (...): the plain kernel's
-        r, d = r.reshape(n_parts, n_channels), d.reshape(n_parts, n_channels)
+        r, d = r.reshape(-1), d.reshape(-1)
         with np.errstate(invalid="ignore", over="ignore"):
-            np.multiply(weights, r, out=weights)
+            weights = weights * r
     scale = None
-    if x.dtype == np.float64 and _kernels.any_below(invstd.reshape(-1),
-                                                    _SMALLEST_PLAIN_INVSTD):
-        x, mean, invstd, scale = _backward_scales(x, axis, mean, invstd)
+    if x.dtype == np.float64 and _kernels.any_below(invstd, _SMALLEST_PLAIN_INVSTD):
+        x, mean, invstd, scale = _backward_scales(x, axis, mean, invstd, n_parts)
 
     layout, (dy_view, x_view, y_view), (dx_view, g_view), (dx, _), finish = _plan(
         [_to_axis1(a, axis) for a in (dy, x, y if relu else None)],
         [(_to_axis1(out, axis), True), (_to_axis1(grad_residual if relu else None, axis), False)])
-    dweight = np.empty((n_parts, n_channels), x.dtype)
-    dbias = np.empty((n_parts, n_channels), x.dtype)
-    _KERNELS["backward_" + layout][x.dtype](
-        dy_view, x_view, dx_view, mean.reshape(-1), invstd.reshape(-1),
-        weights.reshape(-1), training, dweight.reshape(-1),
-        dbias.reshape(-1), y_view, g_view, n_parts)
+    dweight = np.empty(mean.size, x.dtype)
+    dbias = np.empty(mean.size, x.dtype)
+    _KERNELS["backward_" + layout][x.dtype](dy_view, x_view, dx_view, mean, invstd, weights,
+                                            training, dweight, dbias, y_view, g_view, n_parts)
     finish()
     dx = _result(out, dx, axis)
     if scale is not None:  # dx of the scaled data is scale times too small
-        _scale_parts(dx, axis, scale)
+        _scale_parts(dx, axis, scale.reshape(n_parts, n_channels))
     if r is not None:
         # sum(dy * (r*xhat + d)) = r*dweight + d*dbias, in float64; d = 0 adds
         # nothing (not even 0 * Inf), so rmax=1, dmax=0 is plain batch norm.
         with np.errstate(invalid="ignore", over="ignore"):
             dweight = dweight * r
             np.add(dweight, d * dbias, out=dweight, where=d != 0)
-    if n_parts == 1:
-        return dx, dweight[0].astype(x.dtype), dbias[0]
+    if ghost is None:
+        return dx, dweight.astype(x.dtype, copy=False), dbias
     # the sums over the ghost batches, in float64, rounded once
-    return (dx, np.add.reduce(dweight, axis=0, dtype=np.float64).astype(x.dtype),
-            np.add.reduce(dbias, axis=0, dtype=np.float64).astype(x.dtype))
+    return (dx, np.add.reduce(dweight.reshape(n_parts, n_channels), axis=0,
+                              dtype=np.float64).astype(x.dtype),
+            np.add.reduce(dbias.reshape(n_parts, n_channels), axis=0,
+                          dtype=np.float64).astype(x.dtype))
 
 
-def _backward_scales(x, axis, mean, invstd):
+def _backward_scales(x, axis, mean, invstd, n_parts=1):
     """x, mean and invstd of data scaled by a power of two per channel (per
-    ghost batch and channel when mean and invstd are (N/G, C)), so that its
-    standard deviation is about 1: the gradients of x-hat are the same and
-    dx is the scaled data's times the scale."""
+    ghost batch and channel: mean and invstd hold n_parts rows of C), so that
+    its standard deviation is about 1: the gradients of x-hat are the same
+    and dx is the scaled data's times the scale."""
     scale = np.where(invstd < _SMALLEST_PLAIN_INVSTD, np.ldexp(1.0, np.frexp(invstd)[1]), 1.0)
     x = x.copy(order="K")
-    _scale_parts(x, axis, scale)
+    _scale_parts(x, axis, scale.reshape(n_parts, -1))
     return x, mean * scale, invstd / scale, scale
 
 
 def _scale_parts(a, axis, scale):
-    """a *= scale in place, with scale of shape (C,), or (P, C): row p for
-    the p-th of P equal runs of samples."""
-    scale = scale.reshape(-1, scale.shape[-1])
-    n_samples = a.shape[0] // scale.shape[0]
+    """a *= scale in place, scale[p] of shape (C,) on the p-th of len(scale)
+    equal runs of samples."""
+    n_samples = a.shape[0] // len(scale)
     per_channel = (-1,) + (1,) * (a.ndim - 1 - axis)
     for p, row in enumerate(scale):
         part = a[p * n_samples:(p + 1) * n_samples]
