@@ -866,13 +866,11 @@ def _backward_parts(dy, x, mean, invstd, weight, training, out, axis, relu, y, g
         zeros = np.zeros(n_channels, x.dtype)
         return _empty_result(x, out), zeros, zeros.copy()
     n_parts = 1 if ghost is None else x.shape[0] // ghost
-    weights = weight
+    renorm = None
     if ghost is not None:  # the kernel takes these ghost batch by ghost batch
-        mean, invstd, weights = mean.reshape(-1), invstd.reshape(-1), np.tile(weight, n_parts)
-    if r is not None:  # dx = (weight * r) * invstd * (...): the plain kernel's
-        r, d = r.reshape(-1), d.reshape(-1)
-        with np.errstate(invalid="ignore", over="ignore"):
-            weights = weights * r
+        mean, invstd = mean.reshape(-1), invstd.reshape(-1)
+    if r is not None:
+        renorm = (r.reshape(-1), d.reshape(-1))
     scale = None
     if x.dtype == np.float64 and _kernels.any_below(invstd, _SMALLEST_PLAIN_INVSTD):
         x, mean, invstd, scale = _backward_scales(x, axis, mean, invstd, n_parts)
@@ -882,20 +880,15 @@ def _backward_parts(dy, x, mean, invstd, weight, training, out, axis, relu, y, g
         [(_to_axis1(out, axis), True), (_to_axis1(grad_residual if relu else None, axis), False)])
     dweight = np.empty(mean.size, x.dtype)
     dbias = np.empty(mean.size, x.dtype)
-    _KERNELS["backward_" + layout][x.dtype](dy_view, x_view, dx_view, mean, invstd, weights,
-                                            training, dweight, dbias, y_view, g_view, n_parts)
+    _KERNELS["backward_" + layout][x.dtype](dy_view, x_view, dx_view, mean, invstd, weight,
+                                            training, dweight, dbias, y_view, g_view, renorm,
+                                            n_parts)
     finish()
     dx = _result(out, dx, axis)
     if scale is not None:  # dx of the scaled data is scale times too small
         _scale_parts(dx, axis, scale.reshape(n_parts, n_channels))
-    if r is not None:
-        # sum(dy * (r*xhat + d)) = r*dweight + d*dbias, in float64; d = 0 adds
-        # nothing (not even 0 * Inf), so rmax=1, dmax=0 is plain batch norm.
-        with np.errstate(invalid="ignore", over="ignore"):
-            dweight = dweight * r
-            np.add(dweight, d * dbias, out=dweight, where=d != 0)
     if ghost is None:
-        return dx, dweight.astype(x.dtype, copy=False), dbias
+        return dx, dweight, dbias
     # the sums over the ghost batches, in float64, rounded once
     return (dx, np.add.reduce(dweight.reshape(n_parts, n_channels), axis=0,
                               dtype=np.float64).astype(x.dtype),

@@ -1457,23 +1457,60 @@ def forward_train_rows(x, out, weight, bias, double eps, mean, var, invstd, resi
     return written
 
 
-cdef void parameter_gradients(Py_ssize_t n_channels, const double *sum_dy,
-                              const double *sum_dy_xmu, const double *invstd,
+ctypedef struct Constants:
+    # Batch renormalization's r and d of each statistic, held constant in the
+    # backward; NULL for plain batch norm.
+    const double *r
+    const double *d
+
+
+cdef Constants renorm_constants(object renorm, Py_ssize_t n_stats) except *:
+    """The Constants of the backward's `renorm`: None, or float64 (r, d)."""
+    cdef Constants rd
+    rd.r = rd.d = NULL
+    if renorm is not None:
+        rd.r = doubles(renorm[0], n_stats, False)
+        rd.d = doubles(renorm[1], n_stats, False)
+    return rd
+
+
+cdef double *statistic_weights(const double *weight, Constants rd, Py_ssize_t n_channels,
+                               Py_ssize_t n_stats, double *out) noexcept nogil:
+    """out = the weight of dx for each statistic (of each ghost batch):
+    weight, times r with batch renormalization."""
+    cdef Py_ssize_t k
+    for k in range(n_stats):
+        out[k] = weight[k % n_channels] if rd.r == NULL else weight[k % n_channels] * rd.r[k]
+    return out
+
+
+cdef void parameter_gradients(Py_ssize_t n_stats, const double *sum_dy,
+                              const double *sum_dy_xmu, const double *invstd, Constants rd,
                               floating *dweight, floating *dbias) noexcept nogil:
-    """dweight = sum(g * (x - mean)) * invstd and dbias = sum(g), rounded once."""
-    cdef Py_ssize_t c
-    for c in range(n_channels):
-        dweight[c] = <floating>(sum_dy_xmu[c] * invstd[c])
-        dbias[c] = <floating>sum_dy[c]
+    """dweight = sum(g * xhat) and dbias = sum(g), rounded once; with batch
+    renormalization dweight = sum(g * (r*xhat + d)) = r*sum(g*xhat) + d*sum(g)
+    (d = 0 adds nothing, not even 0 * Inf: rmax = 1, dmax = 0 is plain batch
+    norm bit for bit)."""
+    cdef Py_ssize_t k
+    cdef double g
+    for k in range(n_stats):
+        g = sum_dy_xmu[k] * invstd[k]
+        if rd.r != NULL:
+            g = g * rd.r[k]
+            if rd.d[k] != 0.0:
+                g = g + rd.d[k] * sum_dy[k]
+        dweight[k] = <floating>g
+        dbias[k] = <floating>sum_dy[k]
 
 
 def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias,
-                    relu_output=None, grad_residual=None, Py_ssize_t ghosts=1,
+                    relu_output=None, grad_residual=None, renorm=None, Py_ssize_t ghosts=1,
                     floating kind=0):
     """dx, dweight and dbias.  With relu_output (the forward's y), dy counts
     only where y > 0, and that masked dy is also written to grad_residual
     when given.  With ghosts (see forward_train_planar), mean, invstd,
-    weight, dweight and dbias hold ghosts x C values."""
+    dweight and dbias hold ghosts x C values.  renorm: None, or batch
+    renormalization's r and d of each statistic (see parameter_gradients)."""
     cdef floating *like = NULL
     cdef Planar xv = planar(x, None, False, like)
     cdef Py_ssize_t n_batch = extent(x, 0) // ghosts, n_channels = extent(x, 1)
@@ -1482,9 +1519,10 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
     cdef Planar dxv = planar(dx, x, True, like), gv = planar(grad_residual, x, True, like)
     cdef const double *mean_p = doubles(mean, n_stats, False)
     cdef const double *invstd_p = doubles(invstd, n_stats, False)
-    cdef const double *weight_p = doubles(weight, n_stats, False)
+    cdef const double *weight_p = doubles(weight, n_channels, False)
     cdef floating *dweight_p = values(dweight, n_stats, True, like)
     cdef floating *dbias_p = values(dbias, n_stats, True, like)
+    cdef Constants rd = renorm_constants(renorm, n_stats)
     cdef Py_ssize_t count = n_batch * n_spatial, t
     cdef int n_threads = threads_for(count * n_stats)
     cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
@@ -1494,14 +1532,15 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
     cdef bint fused = fused_channels(n_channels, count, memory_order)
     cdef bint overlap = overlaps_next(stream, count, 3 if yv.data != NULL else 2,
                                       sizeof(floating))
-    # sum_dy, sum_dy_xmu, then (not fused) dy_shift, x_coef, scale and partial sums
-    cdef double *work = scratch(2 * n_stats if fused else 2 * n_stats + 3 * n_channels
+    # weights, sum_dy, sum_dy_xmu, then (not fused) dy_shift, x_coef, scale and partial sums
+    cdef double *work = scratch(3 * n_stats if fused else 3 * n_stats + 3 * n_channels
                                 + planar_scratch(n_batch, n_channels, n_spatial))
-    cdef double *sum_dy = work
-    cdef double *sum_dy_xmu = work + n_stats
-    cdef double *coefficients = work + 2 * n_stats
+    cdef double *sum_dy = work + n_stats
+    cdef double *sum_dy_xmu = work + 2 * n_stats
+    cdef double *coefficients = work + 3 * n_stats
     try:
         with nogil:
+            weight_p = statistic_weights(weight_p, rd, n_channels, n_stats, work)
             if fused and n_threads == 1:  # no parallel region, as in the forward
                 backward_ghosts(dyv, yv, xv, dxv, gv, 0, n_channels, ghosts, n_batch,
                                 n_channels, n_spatial, mean_p, invstd_p, weight_p, training,
@@ -1532,13 +1571,14 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
                                         n_spatial, mean_p + k, coefficients,
                                         coefficients + n_channels,
                                         coefficients + 2 * n_channels, stream, n_threads, like)
-            parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, dweight_p, dbias_p)
+            parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, rd, dweight_p, dbias_p)
     finally:
         free(work)
 
 
 def backward_rows(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias,
-                  relu_output=None, grad_residual=None, Py_ssize_t ghosts=1, floating kind=0):
+                  relu_output=None, grad_residual=None, renorm=None, Py_ssize_t ghosts=1,
+                  floating kind=0):
     """backward_planar for the rows layout."""
     cdef floating *like = NULL
     cdef Rows xv = rows(x, None, False, like)
@@ -1548,21 +1588,23 @@ def backward_rows(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias
     cdef Rows dxv = rows(dx, x, True, like), gv = rows(grad_residual, x, True, like)
     cdef const double *mean_p = doubles(mean, n_stats, False)
     cdef const double *invstd_p = doubles(invstd, n_stats, False)
-    cdef const double *weight_p = doubles(weight, n_stats, False)
+    cdef const double *weight_p = doubles(weight, n_channels, False)
     cdef floating *dweight_p = values(dweight, n_stats, True, like)
     cdef floating *dbias_p = values(dbias, n_stats, True, like)
+    cdef Constants rd = renorm_constants(renorm, n_stats)
     cdef Py_ssize_t n_parts = rows_parts(n_rows)
     cdef int n_threads = threads_for(n_rows * n_stats)
     cdef bint stream = streamed(n_rows * n_stats,
                                 grad_input_arrays(yv.data != NULL, gv.data != NULL), True,
                                 n_channels, sizeof(floating))
-    # sum_dy, sum_dy_xmu, then the partial sums, later dy_shift, x_coef, scale
-    cdef double *work = scratch(2 * n_stats + n_channels * (2 * n_parts + 3))
-    cdef double *sum_dy = work
-    cdef double *sum_dy_xmu = work + n_stats
-    cdef double *rest = work + 2 * n_stats
+    # weights, sum_dy, sum_dy_xmu, then the partial sums, later dy_shift, x_coef, scale
+    cdef double *work = scratch(3 * n_stats + n_channels * (2 * n_parts + 3))
+    cdef double *sum_dy = work + n_stats
+    cdef double *sum_dy_xmu = work + 2 * n_stats
+    cdef double *rest = work + 3 * n_stats
     try:
         with nogil:
+            weight_p = statistic_weights(weight_p, rd, n_channels, n_stats, work)
             for g in range(ghosts):  # ghost batches are runs of rows
                 k, n = g * n_channels, g * n_rows
                 rows_grad_sums_all(rows_from(dyv, n, like), rows_from(yv, n, like),
@@ -1577,7 +1619,7 @@ def backward_rows(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias
                                     rows_from(gv, n, like), n_rows, n_channels, mean_p + k,
                                     rest, rest + n_channels, rest + 2 * n_channels, stream,
                                     n_threads, like)
-            parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, dweight_p, dbias_p)
+            parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, rd, dweight_p, dbias_p)
     finally:
         free(work)
 
