@@ -495,14 +495,9 @@ def _train_step(x, weight, bias, eps, out, axis, residual, relu, count, running,
                                             part_count, running, limits, ghost)
         if limits is not None and part_count == 0:
             r, d = _renorm_corrections(mean, var, eps, running, limits)
-    if ghost is None:
-        return y, (mean, invstd, r, d), (mean, var, count)
-    # The running statistics: means over the ghost batches, all of part_count
-    # values, so that _update_running's m/(m-1) unbiases each one's variance.
-    # (np.mean's own arithmetic: a sum, then one division)
-    update = (np.add.reduce(mean, axis=0) / n_parts, np.add.reduce(var, axis=0) / n_parts,
-              part_count) if n_parts else (None, None, 0)
-    return y, (mean, invstd, r, d), update
+    # With ghost batches, _update_running takes the means over them of
+    # their means and (unbiased by part_count / (part_count - 1)) variances.
+    return y, (mean, invstd, r, d), (mean, var, part_count)
 
 
 def _stats_dtype(stats_dtype, x):
@@ -559,10 +554,8 @@ def _train(x, weight, bias, eps, out, axis, residual, relu, count, running=None,
     mean, var, invstd = np.empty(n_stats), np.empty(n_stats), np.empty(n_stats)
     r = d = renorm = None
     if limits is not None:
-        with np.errstate(all="ignore"):  # IEEE results, as the kernels
-            running_std = np.sqrt(running[1] + eps)
         r, d = np.empty(n_stats), np.empty(n_stats)
-        renorm = (running[0], running_std, r, d, (1.0 / limits[0], limits[0], limits[1]))
+        renorm = (running[0], running[1], r, d, (1.0 / limits[0], limits[0], limits[1]))
     written = _KERNELS["forward_train_" + layout][x.dtype](
         x_view, y_view, weight, bias, eps, mean, var, invstd, residual_view, relu, renorm,
         n_parts)
@@ -647,15 +640,19 @@ def _affine_channels(channels, x, mean, scale, shift, y, residual, relu):
 
 def _update_running(running_mean, running_var, mean, var, count, momentum):
     """Update the running statistics in place; False, changing nothing, when a
-    batch statistic is not finite in their dtype.  They may have any strides
-    and alignment: the kernel then works on aligned copies."""
+    batch statistic is not finite in their dtype.  mean and var: (C,), or a
+    row per ghost batch (count values per channel each), whose means are
+    used.  The running statistics may have any strides and alignment: the
+    kernel then works on aligned copies."""
     kernel = _KERNELS["update_running"][running_mean.dtype]
+    parts = len(mean) if mean.ndim == 2 else 1
+    mean, var = mean.reshape(-1), var.reshape(-1)
     mean_flags, var_flags = running_mean.flags, running_var.flags
     if (mean_flags.c_contiguous and mean_flags.aligned and var_flags.c_contiguous
             and var_flags.aligned):
-        return kernel(running_mean, running_var, mean, var, count, momentum)
+        return kernel(running_mean, running_var, mean, var, count, momentum, parts)
     new_mean, new_var = np.array(running_mean), np.array(running_var)
-    if not kernel(new_mean, new_var, mean, var, count, momentum):
+    if not kernel(new_mean, new_var, mean, var, count, momentum, parts):
         return False
     running_mean[...] = new_mean
     running_var[...] = new_var

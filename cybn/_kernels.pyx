@@ -1053,7 +1053,7 @@ ctypedef struct Renorm:
     # Batch renormalization's inputs and outputs (see train_coefficients);
     # running_mean is NULL for plain batch norm.
     const double *running_mean
-    const double *running_std
+    const double *running_var
     double *r
     double *d
     double r_low, r_high, d_high
@@ -1061,14 +1061,14 @@ ctypedef struct Renorm:
 
 cdef Renorm renorm_view(object renorm, Py_ssize_t n_channels, Py_ssize_t ghosts) except *:
     """The Renorm of forward_train's `renorm`: None, or (running_mean,
-    running_std, r, d, (1/rmax, rmax, dmax)) with float64 (C,) vectors, r and
+    running_var, r, d, (1/rmax, rmax, dmax)) with float64 (C,) vectors, r and
     d (ghosts x C, written)."""
     cdef Renorm rn
-    rn.running_mean = rn.running_std = rn.r = rn.d = NULL
+    rn.running_mean = rn.running_var = rn.r = rn.d = NULL
     rn.r_low = rn.r_high = rn.d_high = 0.0
     if renorm is not None:
         rn.running_mean = doubles(renorm[0], n_channels, False)
-        rn.running_std = doubles(renorm[1], n_channels, False)
+        rn.running_var = doubles(renorm[1], n_channels, False)
         rn.r = doubles(renorm[2], ghosts * n_channels, True)
         rn.d = doubles(renorm[3], ghosts * n_channels, True)
         rn.r_low, rn.r_high, rn.d_high = renorm[4]
@@ -1099,15 +1099,16 @@ cdef inline void train_coefficients(Py_ssize_t c, const double *mean, const doub
     """Channel c's y = (x - mean) * scale + shift: weight * invstd and bias, or
     with batch renormalization weight * r * invstd and weight * d + bias,
     r = clip(sqrt(var + eps) / running_std, 1/rmax, rmax) and d = clip((mean
-    - running_mean) / running_std, -dmax, dmax): the operations of
-    cybn._api._renorm_corrections, in its order."""
-    cdef double r, d
+    - running_mean) / running_std, -dmax, dmax), running_std = sqrt(running_var
+    + eps): the operations of cybn._api._renorm_corrections, in its order."""
+    cdef double r, d, running_std
     if rn.running_mean == NULL:
         scale[0] = weight[c] * invstd[c]
         shift[0] = bias[c]
         return
-    r = clipped(sqrt(var[c] + eps) / rn.running_std[c], rn.r_low, rn.r_high)
-    d = clipped((mean[c] - rn.running_mean[c]) / rn.running_std[c], -rn.d_high, rn.d_high)
+    running_std = sqrt(rn.running_var[c] + eps)
+    r = clipped(sqrt(var[c] + eps) / running_std, rn.r_low, rn.r_high)
+    d = clipped((mean[c] - rn.running_mean[c]) / running_std, -rn.d_high, rn.d_high)
     rn.r[c] = r
     rn.d[c] = d
     scale[0] = weight[c] * r * invstd[c]
@@ -1632,30 +1633,47 @@ def divide_by_sqrt(a, v, double eps):
     cybn_divide_by_sqrt(doubles(a, n, True), doubles(v, n, False), eps, n)
 
 
+cdef inline double column_mean(const double *a, Py_ssize_t c, Py_ssize_t n_channels,
+                               Py_ssize_t parts) noexcept nogil:
+    """The mean of column c of `parts` rows of n_channels (a[c] for one row):
+    the rows summed in order, then divided, as NumPy's mean over axis 0."""
+    cdef double total = a[c]
+    cdef Py_ssize_t g
+    if parts == 1:
+        return total
+    for g in range(1, parts):
+        total += a[g * n_channels + c]
+    return total / parts
+
+
 def update_running(running_mean, running_var, mean, var, Py_ssize_t count, double momentum,
-                   floating kind=0):
+                   Py_ssize_t parts=1, floating kind=0):
     """running <- (1 - momentum)*running + momentum*batch, the variance unbiased
     by count/(count - 1), in the running statistics' dtype; mean and var are
-    float64.  Returns False, changing nothing, when a batch statistic is not
-    finite in the dtype (NaN, Inf, or beyond its range)."""
+    float64, `parts` rows of C (ghost batches, of count values per channel
+    each: batch is then the mean of the rows).  Returns False, changing
+    nothing, when a batch statistic is not finite in the dtype (NaN, Inf,
+    or beyond its range)."""
     cdef floating *like = NULL
-    cdef Py_ssize_t n_channels = extent(mean, 0) if isinstance(mean, cnp.ndarray) else 0
-    cdef const double *mean_p = doubles(mean, n_channels, False)
-    cdef const double *var_p = doubles(var, n_channels, False)
+    cdef Py_ssize_t n_channels = len(running_mean)
+    cdef const double *mean_p = doubles(mean, parts * n_channels, False)
+    cdef const double *var_p = doubles(var, parts * n_channels, False)
     cdef floating *running_mean_p = values(running_mean, n_channels, True, like)
     cdef floating *running_var_p = values(running_var, n_channels, True, like)
     cdef double largest = 3.4028234663852886e38 if floating is float else 1.7976931348623157e308
-    cdef double unbias = <double>count / (count - 1)
+    cdef double unbias = <double>count / (count - 1), m, v
     cdef Py_ssize_t c
     for c in range(n_channels):
-        # written so that NaN fails the test
-        if not (-largest <= mean_p[c] <= largest and var_p[c] * unbias <= largest):
+        m = column_mean(mean_p, c, n_channels, parts)
+        v = column_mean(var_p, c, n_channels, parts)
+        if not (-largest <= m <= largest and v * unbias <= largest):  # NaN fails it
             return False
     for c in range(n_channels):
-        running_mean_p[c] = <floating>((1.0 - momentum) * running_mean_p[c]
-                                       + momentum * mean_p[c])
+        m = column_mean(mean_p, c, n_channels, parts)
+        v = column_mean(var_p, c, n_channels, parts)
+        running_mean_p[c] = <floating>((1.0 - momentum) * running_mean_p[c] + momentum * m)
         running_var_p[c] = <floating>((1.0 - momentum) * running_var_p[c]
-                                      + momentum * (var_p[c] * unbias))
+                                      + momentum * (v * unbias))
     return True
 
 
