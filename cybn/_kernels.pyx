@@ -46,69 +46,6 @@ def set_fused(bint on):
     return bool(old)
 
 
-# Below this many values a parallel region costs more than it saves (and
-# idle OpenMP threads spinning after it would compete with a BLAS pool).
-cdef Py_ssize_t SERIAL_BELOW = 1 << 17
-# Planar data with fewer channels than this is cut into parts per channel,
-# each of at least PART_MIN values, so that many threads have work.
-cdef Py_ssize_t MIN_TASKS = 64
-cdef Py_ssize_t PART_MIN = 1 << 14
-# Planar runs shorter than SHORT_RUN_BYTES (small H x W) in calls whose
-# arrays exceed MEMORY_ORDER_BYTES (half the last-level cache) are walked in
-# memory order, batch by batch, so that the hardware prefetcher sees one
-# stream instead of a jump every few cache lines; the statistics then need
-# BATCH_PARTS ranges of the batch, 2 x C sums each.  Smaller calls take the
-# per-channel path, whose sums carry across runs at no cost per run (see
-# short_runs).
-cdef Py_ssize_t SHORT_RUN_BYTES = 4096
-cdef Py_ssize_t CACHED_BYTES = 32 << 20
-cdef Py_ssize_t MEMORY_ORDER_BYTES = 16 << 20
-cdef Py_ssize_t BATCH_PARTS = 16
-# The per-channel sums over runs shorter than PREFETCH_RUN_BYTES prefetch
-# PREFETCH_RUNS runs ahead (see runs_ahead).
-cdef Py_ssize_t PREFETCH_RUN_BYTES = 2048
-cdef Py_ssize_t PREFETCH_RUNS = 2
-# Element-wise passes in memory order take chunks of about this many values.
-cdef Py_ssize_t CHUNK_VALUES = 1 << 14
-# The rows sums cut the data into at most ROWS_TASKS tasks: ranges of at least
-# ROWS_MIN rows, each keeping 2 x C partial sums, and when there are fewer
-# ranges than that, blocks of at least CHANNELS_MIN channels within each range.
-# Few, long ranges keep the partial sums small next to the data: (256, 512)
-# takes 4 ranges of 4 blocks, not 16 ranges of 16 rows (whose sums were a
-# quarter of the data's size and took as long as the data to add up).
-cdef Py_ssize_t ROWS_TASKS = 16
-cdef Py_ssize_t ROWS_MIN = 64
-cdef Py_ssize_t CHANNELS_MIN = 64
-# The element-wise rows passes take ranges of at least this many rows (see
-# rows_write).
-cdef Py_ssize_t WRITE_ROWS_MIN = 4
-# Row lengths and sizes behind the rows loops' steps (rows_sums_block,
-# rows_write_block).
-cdef Py_ssize_t SHORT_ROW_BYTES = 256
-cdef Py_ssize_t LONG_ROW_CHANNELS = 1024
-cdef Py_ssize_t PAGE_BYTES = 4096
-cdef Py_ssize_t SMALL_BYTES = 4 << 20
-# Element-wise passes stream their output (see streamed) only in runs of at
-# least STREAM_RUN_BYTES: shorter ones write most lines partly, plainly.
-cdef Py_ssize_t STREAM_RUN_BYTES = 512
-# One-pass calls stream only where their arrays exceed stream_above this many
-# times over (see streamed).
-cdef Py_ssize_t ONE_PASS_STREAM_FACTOR = 2
-# The per-channel path reads the next channel while it streams out this one
-# where a channel's inputs take at most this many bytes (see overlaps_next).
-cdef Py_ssize_t OVERLAP_CHANNEL_BYTES = 1 << 20
-
-
-ctypedef struct Rows:
-    char *data
-    Py_ssize_t row_stride
-
-
-ctypedef struct RowsTask:
-    # Rows [begin, end) of row range `part`, channels [first, first + count).
-    Py_ssize_t part, begin, end, first, count
-
-
 def machine_and_build():
     """What cybn.show_config() reports of the CPU and of this build."""
     cdef int cpu = cybn_cpu_features(), build = cybn_build_options()
@@ -122,126 +59,270 @@ def max_threads():
     return cybn_max_threads()
 
 
-cdef inline int threads_for(Py_ssize_t n_values) noexcept nogil:
-    return 1 if n_values < SERIAL_BELOW else cybn_max_threads()
+# ---------------------------------------------------------------------------
+# The schedule: how a call runs, decided in one place (schedule) from its
+# shape, element size and operands and the machine's caches.  Every
+# threshold is here with its reason; the measurements behind the numbers are
+# in docs/design.md.  The tasks whose sums are merged are fixed by the shape
+# and the caches, never by the thread count, so that results are bitwise the
+# same for any number of threads.
 
-
-cdef inline Py_ssize_t planar_parts(Py_ssize_t n_channels, Py_ssize_t count) noexcept nogil:
-    """Parts per channel: a function of the shape alone."""
-    if n_channels >= MIN_TASKS:
-        return 1
-    return max(1, min((MIN_TASKS + n_channels - 1) // n_channels, count // PART_MIN))
-
-
-cdef inline bint short_runs(Py_ssize_t n_values, Py_ssize_t n_arrays, Py_ssize_t n_spatial,
-                            Py_ssize_t itemsize) noexcept nogil:
-    """Whether a call on n_arrays planar arrays of n_values takes the memory-
-    order path: short runs a batch stride apart defeat the hardware
-    prefetcher in big calls, while small calls and runs of a page or more
-    do better channel by channel (measurements: docs/design.md)."""
-    return (n_spatial * itemsize < SHORT_RUN_BYTES
-            and n_values * n_arrays * itemsize > MEMORY_ORDER_BYTES)
+# A call uses at most one thread per THREAD_VALUES values, rounded down to a
+# power of two: a thread's start-up costs more than a smaller share saves,
+# and power-of-two channel and task counts then deal evenly.
+cdef Py_ssize_t THREAD_VALUES = 1 << 17
+# Work is cut into TASKS_PER_THREAD tasks for each thread the call could use
+# on PLANNED_THREADS (not on this machine: the tasks fix the order of the
+# sums), of at least TASK_VALUES values: the busiest thread then does at most
+# 1.25 times the mean on up to 64 threads (tests/test_schedule.py).
+cdef Py_ssize_t TASKS_PER_THREAD = 4
+cdef Py_ssize_t PLANNED_THREADS = 64
+cdef Py_ssize_t TASK_VALUES = 1 << 14
+# Planar data with at least MIN_CHANNELS channels, or too few values to cut,
+# runs a task per channel, its statistics then its element-wise pass while it
+# is in cache; fewer channels are cut into parts.
+cdef Py_ssize_t MIN_CHANNELS = 64
+# A call counts on keeping at most this much of a shared last-level cache:
+# the detected L3 where it is smaller (a VM may report its host's whole L3).
+cdef Py_ssize_t CACHE_CAP = 32 << 20
+# Planar runs shorter than SHORT_RUN_BYTES (small H x W), in calls over half
+# the cache, are summed in memory order in BATCH_RANGES ranges of the batch
+# (2 x C partial sums each): runs a batch stride apart defeat the prefetcher.
+cdef Py_ssize_t SHORT_RUN_BYTES = 4096
+cdef Py_ssize_t BATCH_RANGES = 16
+# The per-channel sums over runs shorter than PREFETCH_RUN_BYTES prefetch
+# PREFETCH_RUNS runs ahead, as such runs are too short for the prefetcher.
+cdef Py_ssize_t PREFETCH_RUN_BYTES = 2048
+cdef Py_ssize_t PREFETCH_RUNS = 2
 
 
 cdef inline Py_ssize_t runs_ahead(Py_ssize_t n_spatial, Py_ssize_t itemsize) noexcept nogil:
-    """Runs ahead that the per-channel sums prefetch (0: none).  Short runs of
-    a channel lie a whole batch stride apart, each too short for the hardware
-    prefetcher to pick up, so that the per-channel path waits on the memory
-    or the last-level cache run after run (measurements: docs/design.md).
-    No value depends on it."""
     return PREFETCH_RUNS if n_spatial * itemsize < PREFETCH_RUN_BYTES else 0
+# Rows sums cut the data into ranges of at least ROWS_MIN rows, each keeping
+# 2 x C partial sums (at most 1/64 of its data: more cost as much as the data
+# to add up), a power of two of them to deal evenly; then, for the tasks still
+# needed, into blocks of channels (no value depends on them), of a page or
+# more outside the cache (narrower ones read a few lines of each page), of at
+# least CHANNELS_MIN within it.  No more threads run than there are tasks.
+cdef Py_ssize_t ROWS_MIN = 256
+cdef Py_ssize_t CHANNELS_MIN = 64
+# Rows element-wise tasks hold at least WRITE_ROWS_MIN rows.
+cdef Py_ssize_t WRITE_ROWS_MIN = 4
+# Rows of at most SHORT_ROW_BYTES, or of at least PAGE_BYTES, or data within
+# an eighth of the cache, are summed several rows per step; rows in between
+# one at a time, in memory order, which the prefetcher follows better.
+cdef Py_ssize_t SHORT_ROW_BYTES = 256
+cdef Py_ssize_t PAGE_BYTES = 4096
+# The element-wise rows passes take several rows per step only in data that
+# fits the cache, and for rows of at most SHORT_ROW_BYTES or at least
+# LONG_ROW_CHANNELS channels, where that measured faster.
+cdef Py_ssize_t LONG_ROW_CHANNELS = 1024
+# Outputs are written by streaming stores in runs of at least
+# STREAM_RUN_BYTES (shorter ones would write lines partly), in two-pass calls
+# over the cache (the output cannot stay there, and streaming keeps the
+# inputs there for the second pass), and in one-pass calls over
+# ONE_PASS_STREAM_FACTOR times it (a smaller one finds part of its arrays in
+# the cache from the call before).
+cdef Py_ssize_t STREAM_RUN_BYTES = 512
+cdef Py_ssize_t ONE_PASS_STREAM_FACTOR = 2
+# The per-channel path sums the next channel while it streams out this one,
+# where a channel's inputs fit half the L2, for its second pass to find.
+
+cdef enum:
+    TWO_PASS = 0  # sums, then an element-wise pass over the same data
+    ONE_PASS = 1  # an element-wise pass alone (evaluation, the split API's)
+    SUMS = 2      # sums alone (the split API's)
+
+ctypedef struct Caches:
+    Py_ssize_t l2, l3
+
+ctypedef struct Plan:
+    int threads          # of every parallel region (1: none)
+    bint per_channel     # planar: a task per channel, sums then pass
+    bint memory_order    # planar: sums by batch ranges in memory order
+    Py_ssize_t parts     # planar: tasks per channel of the per-channel sums
+    Py_ssize_t ranges    # batch ranges (memory order) or row ranges (rows)
+    Py_ssize_t blocks    # channel blocks per range (no value depends on them)
+    Py_ssize_t chunk     # runs per element-wise task (planar)
+    Py_ssize_t write_tasks  # row ranges of the element-wise pass (rows)
+    bint stream          # outputs by streaming stores
+    bint overlap         # per-channel: the next channel's sums with this pass
+    int sums_block       # rows per step of the rows sums
+    int write_block      # rows per step of the rows element-wise passes
 
 
-cdef inline Py_ssize_t rows_parts(Py_ssize_t n_rows) noexcept nogil:
-    """Row ranges: a function of the shape alone, as the sums depend on it."""
-    return max(1, min(ROWS_TASKS, n_rows // ROWS_MIN))
-
-
-cdef inline Py_ssize_t rows_blocks(Py_ssize_t n_parts, Py_ssize_t n_channels) noexcept nogil:
-    """Channel blocks per row range (no sum depends on them)."""
-    return max(1, min((ROWS_TASKS + n_parts - 1) // n_parts, n_channels // CHANNELS_MIN))
-
-
-cdef inline RowsTask rows_task(Py_ssize_t task, Py_ssize_t n_parts, Py_ssize_t n_blocks,
-                               Py_ssize_t n_rows, Py_ssize_t n_channels) noexcept nogil:
-    cdef RowsTask t
-    cdef Py_ssize_t block = task % n_blocks
-    t.part = task // n_blocks
-    t.begin = part_start(t.part, n_parts, n_rows)
-    t.end = part_start(t.part + 1, n_parts, n_rows)
-    t.first = part_start(block, n_blocks, n_channels)
-    t.count = part_start(block + 1, n_blocks, n_channels) - t.first
-    return t
-
-
-cdef inline int rows_sums_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels,
-                                Py_ssize_t itemsize) noexcept nogil:
-    """Rows per step of the rows sums: part of the order of the sums, so a
-    function of the shape and strides alone.  Streaming from memory, rows of
-    SHORT_ROW_BYTES to PAGE_BYTES go one at a time, in memory order (taking
-    several such rows in turn confuses the prefetcher); otherwise several
-    rows per step load each sum once per step."""
-    cdef Py_ssize_t row_bytes = x.row_stride * itemsize
-    if (n_rows * n_channels * itemsize <= SMALL_BYTES or row_bytes <= SHORT_ROW_BYTES
-            or row_bytes >= PAGE_BYTES):
-        return CYBN_ROWS_BLOCK
-    return 1
-
-
-cdef inline int rows_write_block(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels,
-                                 Py_ssize_t itemsize) noexcept nogil:
-    """Rows per step of the element-wise rows passes (the values do not depend
-    on it): several where the data likely sits in the cache, so that the
-    parameters are loaded once per step; one otherwise, as every row taken
-    at once is two more streams for the prefetcher.  Even in the cache, only
-    for rows of at most SHORT_ROW_BYTES or of at least LONG_ROW_CHANNELS
-    channels, where it measured faster (docs/design.md)."""
-    cdef Py_ssize_t row_bytes = x.row_stride * itemsize
-    if n_rows * n_channels * itemsize <= CACHED_BYTES and (row_bytes <= SHORT_ROW_BYTES
-                                                           or n_channels >= LONG_ROW_CHANNELS):
-        return CYBN_WRITE_BLOCK
-    return 1
-
-
-cdef inline bint overlaps_next(bint stream, Py_ssize_t count, Py_ssize_t n_inputs,
-                               Py_ssize_t itemsize) noexcept nogil:
-    """Whether the per-channel path runs the sums of the next channel along
-    with the streamed output of this one (see train_channels), for channels of
-    count values in n_inputs arrays: reading the next channel from memory
-    overlaps writing this one, where a channel is small enough for the
-    second pass to find it in the cache (measurements: docs/design.md).  No
-    value depends on it."""
-    return stream and count * n_inputs * itemsize <= OVERLAP_CHANNEL_BYTES
-
-
-# Element-wise passes write by streaming stores (see streamed) in calls whose
-# arrays exceed this many bytes; tests lower it to run every shape that can
-# through those stores.
-cdef Py_ssize_t stream_above = CACHED_BYTES
+cdef Caches CACHES  # this machine's, set at import
+cdef Py_ssize_t stream_above = -1  # >= 0: the streaming threshold, for tests
 
 
 def set_stream_above(Py_ssize_t n_bytes):
-    """Set the size above which outputs are streamed; returns the old one."""
+    """For tests: stream outputs above n_bytes whatever the cache (-1: by the
+    cache again), so that every shape can run through streaming stores with
+    the same plan otherwise; returns the old setting."""
     global stream_above
     old, stream_above = stream_above, n_bytes
     return old
 
 
-cdef inline bint streamed(Py_ssize_t n_values, Py_ssize_t n_arrays, bint rereads,
-                          Py_ssize_t run_values, Py_ssize_t itemsize) noexcept nogil:
-    """Whether an element-wise pass writes its output by streaming stores (see
-    _loops.h), in runs of run_values of at least STREAM_RUN_BYTES: in calls
-    that read their inputs a second time (after the statistics or gradient
-    sums: rereads) whose n_arrays arrays of n_values exceed the cache, and in
-    one-pass calls (evaluation) whose arrays exceed it twice over.
-    An output over the cache could not stay there anyway; streaming it keeps
-    the inputs there for the second pass and saves reading its lines from
-    memory before writing them; one-pass calls just over the cache still
-    find part of their arrays there from the call before (measurements:
-    docs/design.md).  No value depends on it."""
-    return (run_values * itemsize >= STREAM_RUN_BYTES
-            and n_values * n_arrays * itemsize > (stream_above if rereads
-                                                  else ONE_PASS_STREAM_FACTOR * stream_above))
+def _set_machine_caches():
+    global CACHES
+    from cybn._config import cache_sizes
+    sizes = cache_sizes()
+    CACHES.l2, CACHES.l3 = sizes["L2"], sizes["L3"]
+
+
+_set_machine_caches()
+
+
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline int power_of_two_below(Py_ssize_t n) noexcept nogil:
+    cdef int p = 1
+    while 2 * p <= n and p < (1 << 20):
+        p *= 2
+    return p
+
+
+cdef Plan schedule(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_channels,
+                   Py_ssize_t n_spatial, Py_ssize_t ghosts, Py_ssize_t row_bytes,
+                   Py_ssize_t itemsize, Py_ssize_t n_arrays, Py_ssize_t n_inputs,
+                   Caches caches, int max_threads) noexcept nogil:
+    """How a call runs on `ghosts` batches of (n_batch, n_channels, n_spatial)
+    (rows: n_spatial 1, rows row_bytes apart), whose element-wise pass
+    touches n_arrays arrays, n_inputs of them read by its sums."""
+    cdef Plan p
+    cdef Py_ssize_t n = n_batch * n_channels * n_spatial, count = n_batch * n_spatial
+    cdef Py_ssize_t cached = min(caches.l3, CACHE_CAP)
+    cdef Py_ssize_t tasks = TASKS_PER_THREAD * min(PLANNED_THREADS,
+                                                   power_of_two_below(1 + n // THREAD_VALUES))
+    cdef Py_ssize_t row_blocks = max(1, n_channels // (
+        CHANNELS_MIN if n * itemsize <= cached // 8 else PAGE_BYTES // itemsize))
+    cdef Py_ssize_t run = n_channels if rows_layout else n_spatial
+    cdef Py_ssize_t stream_limit = cached if stream_above < 0 else stream_above
+    p.threads = min(max_threads, power_of_two_below(1 + n * ghosts // THREAD_VALUES))
+    p.stream = (op != SUMS and run * itemsize >= STREAM_RUN_BYTES
+                and n * ghosts * n_arrays * itemsize
+                > (stream_limit if op == TWO_PASS else ONE_PASS_STREAM_FACTOR * stream_limit))
+    p.memory_order = (not rows_layout and n_spatial * itemsize < SHORT_RUN_BYTES
+                      and n * n_arrays * itemsize > cached // 2)
+    p.parts = 1 if n_channels >= MIN_CHANNELS else max(
+        1, min(ceil_div(tasks, n_channels), count // TASK_VALUES))
+    p.per_channel = op == TWO_PASS and not rows_layout and not p.memory_order and p.parts == 1
+    p.overlap = p.per_channel and p.stream and count * n_inputs * itemsize <= caches.l2 // 2
+    p.chunk = max(1, TASK_VALUES // n_spatial)
+    if rows_layout:
+        p.ranges = power_of_two_below(min(n_batch // ROWS_MIN, ceil_div(tasks, row_blocks)))
+        p.blocks = min(row_blocks, ceil_div(tasks, p.ranges))
+        p.threads = min(p.threads, p.ranges * p.blocks)
+    else:
+        p.ranges = min(n_batch, BATCH_RANGES) if p.memory_order else 1
+        p.blocks = max(1, min(n_channels, ceil_div(tasks, p.ranges))) if p.memory_order else 1
+    p.write_tasks = max(1, min(n_batch // WRITE_ROWS_MIN, tasks))
+    p.sums_block = CYBN_ROWS_BLOCK if (n * itemsize <= cached // 8 or row_bytes <= SHORT_ROW_BYTES
+                                       or row_bytes >= PAGE_BYTES) else 1
+    p.write_block = CYBN_WRITE_BLOCK if (n * itemsize <= cached and (
+        row_bytes <= SHORT_ROW_BYTES or n_channels >= LONG_ROW_CHANNELS)) else 1
+    return p
+
+
+cdef inline Plan plan_of(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_channels,
+                         Py_ssize_t n_spatial, Py_ssize_t ghosts, Py_ssize_t row_bytes,
+                         Py_ssize_t itemsize, Py_ssize_t n_arrays,
+                         Py_ssize_t n_inputs) noexcept nogil:
+    """schedule() on this machine."""
+    return schedule(op, rows_layout, n_batch, n_channels, n_spatial, ghosts, row_bytes,
+                    itemsize, n_arrays, n_inputs, CACHES, cybn_max_threads())
+
+
+cdef inline Py_ssize_t planar_scratch(Plan p, Py_ssize_t n_channels) noexcept nogil:
+    """Doubles of partial sums the planar sums need."""
+    return 2 * n_channels * max(p.ranges, p.parts)
+
+
+ctypedef struct Rows:
+    char *data
+    Py_ssize_t row_stride
+
+
+ctypedef struct Tile:
+    # Samples or rows [begin, end) of range `part`, channels [first, first + count).
+    Py_ssize_t part, begin, end, first, count
+
+
+cdef inline Tile tile(Plan p, Py_ssize_t task, Py_ssize_t n_batch,
+                      Py_ssize_t n_channels) noexcept nogil:
+    """Task `task` of the range-by-block sums (memory order, rows)."""
+    cdef Tile t
+    cdef Py_ssize_t block = task % p.blocks
+    t.part = task // p.blocks
+    t.begin = part_start(t.part, p.ranges, n_batch)
+    t.end = part_start(t.part + 1, p.ranges, n_batch)
+    t.first = part_start(block, p.blocks, n_channels)
+    t.count = part_start(block + 1, p.blocks, n_channels) - t.first
+    return t
+
+
+_OPS = {"train": (TWO_PASS, 1), "backward": (TWO_PASS, 2), "eval": (ONE_PASS, 1),
+        "sums": (SUMS, 1)}
+
+
+def plan(op, shape, itemsize, *, rows=False, ghosts=1, n_arrays=None, l2=None, l3=None,
+         threads=None):
+    """The plan of a call, as a dict, and its tasks: for tests and docs.
+    op: "train", "eval", "backward" or "sums"; shape: (N, C, *spatial), or
+    (R, C) with rows=True; n_arrays defaults to the plain call's (2 for the
+    forward, 3 for the backward, 1 for sums).  l2, l3 and threads default to
+    this machine's.  "tasks" maps each parallel region to the values of each
+    of its tasks, in the order the static schedule deals them."""
+    cdef int code = _OPS[op][0]
+    cdef Caches caches = CACHES
+    cdef Py_ssize_t n_batch = shape[0] // ghosts, n_channels = shape[1], n_spatial = 1
+    for extent_ in shape[2:]:
+        n_spatial *= extent_
+    if l2 is not None:
+        caches.l2 = l2
+    if l3 is not None:
+        caches.l3 = l3
+    if n_arrays is None:
+        n_arrays = {"train": 2, "eval": 2, "backward": 3, "sums": 1}[op]
+    cdef Plan p = schedule(code, rows, n_batch, n_channels, n_spatial, ghosts,
+                           n_channels * itemsize, itemsize, n_arrays, _OPS[op][1], caches,
+                           cybn_max_threads() if threads is None else threads)
+    result = dict(p)
+    result["tasks"] = plan_tasks(p, code, rows, n_batch, n_channels, n_spatial, ghosts)
+    return result
+
+
+cdef dict plan_tasks(Plan p, int op, bint rows_layout, Py_ssize_t n_batch,
+                     Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t ghosts):
+    """The values each task of each parallel region handles (see plan)."""
+    cdef Py_ssize_t count = n_batch * n_spatial, n_runs = n_batch * n_channels, k
+    cdef Tile t
+    regions = {}
+    if p.per_channel:
+        regions["channels"] = [count * ghosts] * n_channels
+        return regions
+    if op != ONE_PASS:
+        if rows_layout or p.memory_order:
+            sums = []
+            for k in range(p.ranges * p.blocks):
+                t = tile(p, k, n_batch, n_channels)
+                sums.append((t.end - t.begin) * t.count * n_spatial)
+        else:
+            sums = [part_start(k % p.parts + 1, p.parts, count) - part_start(k % p.parts, p.parts, count)
+                    for k in range(n_channels * p.parts)]
+        regions["sums"] = sums
+    if op != SUMS:
+        if rows_layout:
+            regions["write"] = [(part_start(k + 1, p.write_tasks, n_batch)
+                                 - part_start(k, p.write_tasks, n_batch)) * n_channels
+                                for k in range(p.write_tasks)]
+        else:
+            regions["write"] = [(min(n_runs, (k + 1) * p.chunk) - k * p.chunk) * n_spatial
+                                for k in range(ceil_div(n_runs, p.chunk))]
+    return regions
 
 
 cdef inline Py_ssize_t affine_arrays(bint residual) noexcept nogil:
@@ -761,15 +842,15 @@ cdef void channel_moments(Planar x, Py_ssize_t c, Py_ssize_t n_spatial, Py_ssize
     finish_channel_moments(x, c, n_spatial, count, shift, s, q, mean, m2, like)
 
 
-cdef void centred_pass(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+cdef void centred_pass(Plan plan, Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
                        Py_ssize_t count, double *partial, double *mean, double *m2,
-                       int n_threads, floating *like) noexcept nogil:
+                       floating *like) noexcept nogil:
     """The centred pass of the planar channels that need it (see first_shift),
-    each in planar_parts tasks; partial holds 2 * n_channels * n_parts doubles."""
-    cdef Py_ssize_t task, c, p, n_parts = planar_parts(n_channels, count)
+    each in plan.parts tasks; partial holds 2 * n_channels * parts doubles."""
+    cdef Py_ssize_t task, c, p, n_parts = plan.parts
     if not any_centred_pass(m2, n_channels, like):
         return
-    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
+    for task in prange(n_channels * n_parts, schedule='static', num_threads=plan.threads):
         c = task // n_parts
         p = task % n_parts
         partial[2 * task] = 0.0
@@ -782,14 +863,14 @@ cdef void centred_pass(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
                    mean, m2, like)
 
 
-cdef void planar_moments(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
+cdef void planar_moments(Plan plan, Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
                          Py_ssize_t count, double *partial, double *mean, double *m2,
-                         int n_threads, floating *like) noexcept nogil:
-    """mean and M2 of every planar channel, planar_parts tasks per channel;
-    partial holds 2 * n_channels * n_parts doubles."""
-    cdef Py_ssize_t task, c, p, n_parts = planar_parts(n_channels, count)
-    first_shifts(x, n_channels, count // n_spatial, n_spatial, mean, n_threads, like)
-    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
+                         floating *like) noexcept nogil:
+    """mean and M2 of every planar channel, plan.parts tasks per channel;
+    partial holds 2 * n_channels * parts doubles."""
+    cdef Py_ssize_t task, c, p, n_parts = plan.parts
+    first_shifts(x, n_channels, count // n_spatial, n_spatial, mean, plan.threads, like)
+    for task in prange(n_channels * n_parts, schedule='static', num_threads=plan.threads):
         c = task // n_parts
         p = task % n_parts
         partial[2 * task] = 0.0
@@ -799,43 +880,41 @@ cdef void planar_moments(Planar x, Py_ssize_t n_channels, Py_ssize_t n_spatial,
                     &partial[2 * task + 1], like)
     finish_moments(partial, n_channels, n_parts, 2, 2 * n_parts, 1, count, True, False,
                    mean, m2, like)
-    centred_pass(x, n_channels, n_spatial, count, partial, mean, m2, n_threads, like)
+    centred_pass(plan, x, n_channels, n_spatial, count, partial, mean, m2, like)
 
 
-cdef void rows_moments(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels, Py_ssize_t n_parts,
-                       double *partial, double *mean, double *m2, int n_threads,
+cdef void rows_moments(Plan plan, Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels,
+                       double *partial, double *mean, double *m2,
                        floating *like) noexcept nogil:
-    """mean and M2 of every channel of rows data in n_parts row ranges;
-    partial holds 2 * n_parts * n_channels doubles."""
+    """mean and M2 of every channel of rows data in plan's tiles; partial holds
+    2 * ranges * n_channels doubles."""
     cdef Py_ssize_t task, c, n_passes = 2 if floating is double else 1, pass_
-    cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
-    cdef int block = rows_sums_block(x, n_rows, n_channels, sizeof(floating))
-    cdef RowsTask t
+    cdef Tile t
     cdef double *sums
     for c in range(n_channels):
         mean[c] = (<floating *>x.data)[c]  # the first pass's shift
     for pass_ in range(n_passes):
-        for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
-            t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
+        for task in prange(plan.ranges * plan.blocks, schedule='static',
+                           num_threads=plan.threads):
+            t = tile(plan, task, n_rows, n_channels)
             sums = partial + 2 * t.part * n_channels + t.first
             for c in range(t.count):
                 sums[c] = 0.0
                 sums[n_channels + c] = 0.0
             rows_sums(columns(x, t.first, like), t.count, t.begin, t.end, mean + t.first,
-                      sums, sums + n_channels, block, like)
-        finish_moments(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, n_rows,
-                       pass_ == 0, True, mean, m2, like)
+                      sums, sums + n_channels, plan.sums_block, like)
+        finish_moments(partial, n_channels, plan.ranges, 2 * n_channels, 1, n_channels,
+                       n_rows, pass_ == 0, True, mean, m2, like)
 
 
-cdef void planar_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_channels,
-                               Py_ssize_t n_spatial, Py_ssize_t count, Py_ssize_t n_parts,
+cdef void planar_grad_sums_all(Plan plan, Planar dy, Planar y, Planar x,
+                               Py_ssize_t n_channels, Py_ssize_t n_spatial, Py_ssize_t count,
                                const double *mean, double *partial, double *sum_dy,
-                               double *sum_dy_xmu, int n_threads,
-                               floating *like) noexcept nogil:
-    """Gradient sums of every planar channel in n_parts tasks per channel;
-    partial holds 2 * n_channels * n_parts doubles."""
-    cdef Py_ssize_t task, c, p
-    for task in prange(n_channels * n_parts, schedule='static', num_threads=n_threads):
+                               double *sum_dy_xmu, floating *like) noexcept nogil:
+    """Gradient sums of every planar channel in plan.parts tasks per channel;
+    partial holds 2 * n_channels * parts doubles."""
+    cdef Py_ssize_t task, c, p, n_parts = plan.parts
+    for task in prange(n_channels * n_parts, schedule='static', num_threads=plan.threads):
         c = task // n_parts
         p = task % n_parts
         partial[2 * task] = 0.0
@@ -846,207 +925,162 @@ cdef void planar_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_chann
     merge_parts(partial, n_channels, n_parts, 2, 2 * n_parts, 1, sum_dy, sum_dy_xmu)
 
 
-cdef void rows_grad_sums_all(Rows dy, Rows y, Rows x, Py_ssize_t n_rows,
-                             Py_ssize_t n_channels, Py_ssize_t n_parts, const double *mean,
-                             double *partial, double *sum_dy, double *sum_dy_xmu,
-                             int n_threads, floating *like) noexcept nogil:
-    """Gradient sums of rows data in n_parts row ranges; partial holds
-    2 * n_parts * n_channels doubles."""
+cdef void rows_grad_sums_all(Plan plan, Rows dy, Rows y, Rows x, Py_ssize_t n_rows,
+                             Py_ssize_t n_channels, const double *mean, double *partial,
+                             double *sum_dy, double *sum_dy_xmu,
+                             floating *like) noexcept nogil:
+    """Gradient sums of rows data in plan's tiles; partial holds
+    2 * ranges * n_channels doubles."""
     cdef Py_ssize_t task, c
-    cdef Py_ssize_t n_blocks = rows_blocks(n_parts, n_channels)
-    cdef int block = rows_sums_block(x, n_rows, n_channels, sizeof(floating))
-    cdef RowsTask t
+    cdef Tile t
     cdef double *sums
-    for task in prange(n_parts * n_blocks, schedule='static', num_threads=n_threads):
-        t = rows_task(task, n_parts, n_blocks, n_rows, n_channels)
+    for task in prange(plan.ranges * plan.blocks, schedule='static', num_threads=plan.threads):
+        t = tile(plan, task, n_rows, n_channels)
         sums = partial + 2 * t.part * n_channels + t.first
         for c in range(t.count):
             sums[c] = 0.0
             sums[n_channels + c] = 0.0
         rows_grad_sums(columns(dy, t.first, like), columns(y, t.first, like),
                        columns(x, t.first, like), t.count, t.begin, t.end, mean + t.first,
-                       sums, sums + n_channels, block, like)
-    merge_parts(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, sum_dy,
+                       sums, sums + n_channels, plan.sums_block, like)
+    merge_parts(partial, n_channels, plan.ranges, 2 * n_channels, 1, n_channels, sum_dy,
                 sum_dy_xmu)
 
 
-cdef void runs_moments(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
+cdef void runs_moments(Plan plan, Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
                        Py_ssize_t n_spatial, double *partial, double *mean, double *m2,
-                       int n_threads, floating *like) noexcept nogil:
+                       floating *like) noexcept nogil:
     """mean and M2 of every planar channel, walking the data in memory order in
-    BATCH_PARTS ranges of the batch (the centred pass, for the few channels
-    that need it, by channel); partial holds planar_scratch doubles."""
-    cdef Py_ssize_t p, c, n_parts = min(n_batch, BATCH_PARTS)
+    plan's tiles: ranges of the batch by blocks of channels (the centred pass,
+    for the few channels that need it, by channel); partial holds
+    planar_scratch doubles."""
+    cdef Py_ssize_t task, c, n
     cdef double count = <double>n_batch * n_spatial
+    cdef Tile t
     cdef double *sums
-    first_shifts(x, n_channels, n_batch, n_spatial, mean, n_threads, like)
-    for p in prange(n_parts, schedule='static', num_threads=n_threads):
-        sums = partial + 2 * p * n_channels
-        for c in range(2 * n_channels):
+    first_shifts(x, n_channels, n_batch, n_spatial, mean, plan.threads, like)
+    for task in prange(plan.ranges * plan.blocks, schedule='static', num_threads=plan.threads):
+        t = tile(plan, task, n_batch, n_channels)
+        sums = partial + 2 * t.part * n_channels
+        for c in range(t.first, t.first + t.count):
             sums[c] = 0.0
-        runs_sums(x, n_channels, n_spatial, part_start(p, n_parts, n_batch) * n_channels,
-                  part_start(p + 1, n_parts, n_batch) * n_channels, mean, sums,
-                  sums + n_channels, like)
-    finish_moments(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, count, True,
-                   False, mean, m2, like)
-    centred_pass(x, n_channels, n_spatial, n_batch * n_spatial, partial, mean, m2, n_threads,
-                 like)
+            sums[n_channels + c] = 0.0
+        for n in range(t.begin, t.end):
+            runs_sums(x, n_channels, n_spatial, n * n_channels + t.first,
+                      n * n_channels + t.first + t.count, mean, sums, sums + n_channels, like)
+    finish_moments(partial, n_channels, plan.ranges, 2 * n_channels, 1, n_channels, count,
+                   True, False, mean, m2, like)
+    centred_pass(plan, x, n_channels, n_spatial, n_batch * n_spatial, partial, mean, m2, like)
 
 
-cdef void runs_grad_sums_all(Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
+cdef void runs_grad_sums_all(Plan plan, Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
                              Py_ssize_t n_channels, Py_ssize_t n_spatial, const double *mean,
                              double *partial, double *sum_dy, double *sum_dy_xmu,
-                             int n_threads, floating *like) noexcept nogil:
-    """Gradient sums of every planar channel in memory order, in BATCH_PARTS
-    ranges of the batch; partial holds 2 * BATCH_PARTS * C doubles."""
-    cdef Py_ssize_t p, c, n_parts = min(n_batch, BATCH_PARTS)
+                             floating *like) noexcept nogil:
+    """Gradient sums of every planar channel in memory order, in plan's tiles
+    as runs_moments; partial holds 2 * ranges * C doubles."""
+    cdef Py_ssize_t task, c, n
+    cdef Tile t
     cdef double *sums
-    for p in prange(n_parts, schedule='static', num_threads=n_threads):
-        sums = partial + 2 * p * n_channels
-        for c in range(2 * n_channels):
+    for task in prange(plan.ranges * plan.blocks, schedule='static', num_threads=plan.threads):
+        t = tile(plan, task, n_batch, n_channels)
+        sums = partial + 2 * t.part * n_channels
+        for c in range(t.first, t.first + t.count):
             sums[c] = 0.0
-        runs_grad_sums(dy, y, x, n_channels, n_spatial,
-                       part_start(p, n_parts, n_batch) * n_channels,
-                       part_start(p + 1, n_parts, n_batch) * n_channels, mean, sums,
-                       sums + n_channels, like)
-    merge_parts(partial, n_channels, n_parts, 2 * n_channels, 1, n_channels, sum_dy,
+            sums[n_channels + c] = 0.0
+        for n in range(t.begin, t.end):
+            runs_grad_sums(dy, y, x, n_channels, n_spatial, n * n_channels + t.first,
+                           n * n_channels + t.first + t.count, mean, sums, sums + n_channels,
+                           like)
+    merge_parts(partial, n_channels, plan.ranges, 2 * n_channels, 1, n_channels, sum_dy,
                 sum_dy_xmu)
 
 
-cdef inline Py_ssize_t runs_per_chunk(Py_ssize_t n_spatial) noexcept nogil:
-    return max(1, CHUNK_VALUES // n_spatial)
-
-
-cdef void runs_affine_all(Planar x, Planar res, Planar y, Py_ssize_t n_batch,
+cdef void runs_affine_all(Plan plan, Planar x, Planar res, Planar y, Py_ssize_t n_batch,
                           Py_ssize_t n_channels, Py_ssize_t n_spatial, const double *mean,
                           const double *scale, const double *shift, int relu,
-                          bint stream, int n_threads, floating *like) noexcept nogil:
-    """The affine pass over all runs in memory order (chunks are independent:
-    their split may depend on anything)."""
-    cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
-    if n_threads == 1:  # one task, no parallel region, whose start-up dominates small calls
+                          floating *like) noexcept nogil:
+    """The affine pass over all runs in memory order, plan.chunk runs a task
+    (no value depends on the split)."""
+    cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = plan.chunk
+    if plan.threads == 1:  # no parallel region, whose start-up dominates small calls
         runs_affine(x, res, y, n_channels, n_spatial, 0, n_runs, mean, scale, shift, relu,
-                    stream, like)
+                    plan.stream, like)
         return
-    for k in prange((n_runs + chunk - 1) // chunk, schedule='static', num_threads=n_threads):
+    for k in prange(ceil_div(n_runs, chunk), schedule='static', num_threads=plan.threads):
         runs_affine(x, res, y, n_channels, n_spatial, k * chunk, min(n_runs, (k + 1) * chunk),
-                    mean, scale, shift, relu, stream, like)
+                    mean, scale, shift, relu, plan.stream, like)
 
 
-cdef void runs_grad_input_all(Planar dy, Planar y, Planar x, Planar dx, Planar g_out,
-                              Py_ssize_t n_batch, Py_ssize_t n_channels,
+cdef void runs_grad_input_all(Plan plan, Planar dy, Planar y, Planar x, Planar dx,
+                              Planar g_out, Py_ssize_t n_batch, Py_ssize_t n_channels,
                               Py_ssize_t n_spatial, const double *mean,
                               const double *dy_shift, const double *x_coef,
-                              const double *scale, bint stream, int n_threads,
-                              floating *like) noexcept nogil:
-    cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = runs_per_chunk(n_spatial)
-    if n_threads == 1:  # as in runs_affine_all
+                              const double *scale, floating *like) noexcept nogil:
+    cdef Py_ssize_t k, n_runs = n_batch * n_channels, chunk = plan.chunk
+    if plan.threads == 1:  # as in runs_affine_all
         runs_grad_input(dy, y, x, dx, g_out, n_channels, n_spatial, 0, n_runs, mean, dy_shift,
-                        x_coef, scale, stream, like)
+                        x_coef, scale, plan.stream, like)
         return
-    for k in prange((n_runs + chunk - 1) // chunk, schedule='static', num_threads=n_threads):
+    for k in prange(ceil_div(n_runs, chunk), schedule='static', num_threads=plan.threads):
         runs_grad_input(dy, y, x, dx, g_out, n_channels, n_spatial, k * chunk,
-                        min(n_runs, (k + 1) * chunk), mean, dy_shift, x_coef, scale, stream,
-                        like)
+                        min(n_runs, (k + 1) * chunk), mean, dy_shift, x_coef, scale,
+                        plan.stream, like)
 
 
-# ---------------------------------------------------------------------------
-# Element-wise passes over all tasks.
-
-ctypedef struct RowsWrite:
-    # How an element-wise rows pass runs: n_parts ranges of whole rows,
-    # `block` rows per step, streamed or not.
-    Py_ssize_t n_parts
-    int block
-    bint stream
-
-
-cdef inline RowsWrite rows_write(Rows x, Py_ssize_t n_rows, Py_ssize_t n_channels,
-                                 bint stream, Py_ssize_t itemsize) noexcept nogil:
-    """The element-wise passes split the rows alone, whatever the sums did
-    (no value depends on the split): a range of whole rows is one stretch of
-    memory."""
-    cdef RowsWrite w
-    w.n_parts = max(1, min(ROWS_TASKS, n_rows // WRITE_ROWS_MIN))
-    w.block = rows_write_block(x, n_rows, n_channels, itemsize)
-    w.stream = stream
-    return w
-
-
-cdef void rows_affine_all(Rows x, Rows res, Rows y, Py_ssize_t n_rows,
+cdef void rows_affine_all(Plan plan, Rows x, Rows res, Rows y, Py_ssize_t n_rows,
                           Py_ssize_t n_channels, const double *mean, const double *scale,
-                          const double *shift, int relu, bint stream, int n_threads,
-                          floating *like) noexcept nogil:
-    cdef RowsWrite w = rows_write(x, n_rows, n_channels, stream, sizeof(floating))
-    cdef Py_ssize_t p
-    if n_threads == 1:  # as in runs_affine_all
-        rows_affine(x, res, y, n_channels, 0, n_rows, mean, scale, shift, relu, w.block,
-                    w.stream, like)
+                          const double *shift, int relu, floating *like) noexcept nogil:
+    """The affine pass over plan.write_tasks ranges of whole rows, each one
+    stretch of memory (no value depends on the split)."""
+    cdef Py_ssize_t k, n = plan.write_tasks
+    if plan.threads == 1:  # as in runs_affine_all
+        rows_affine(x, res, y, n_channels, 0, n_rows, mean, scale, shift, relu,
+                    plan.write_block, plan.stream, like)
         return
-    for p in prange(w.n_parts, schedule='static', num_threads=n_threads):
-        rows_affine(x, res, y, n_channels, part_start(p, w.n_parts, n_rows),
-                    part_start(p + 1, w.n_parts, n_rows), mean, scale, shift, relu, w.block,
-                    w.stream, like)
+    for k in prange(n, schedule='static', num_threads=plan.threads):
+        rows_affine(x, res, y, n_channels, part_start(k, n, n_rows),
+                    part_start(k + 1, n, n_rows), mean, scale, shift, relu, plan.write_block,
+                    plan.stream, like)
 
 
-cdef void rows_grad_input_all(Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
+cdef void rows_grad_input_all(Plan plan, Rows dy, Rows y, Rows x, Rows dx, Rows g_out,
                               Py_ssize_t n_rows, Py_ssize_t n_channels, const double *mean,
                               const double *dy_shift, const double *x_coef,
-                              const double *scale, bint stream, int n_threads,
-                              floating *like) noexcept nogil:
-    cdef RowsWrite w = rows_write(x, n_rows, n_channels, stream, sizeof(floating))
-    cdef Py_ssize_t p
-    if n_threads == 1:  # as in runs_affine_all
+                              const double *scale, floating *like) noexcept nogil:
+    cdef Py_ssize_t k, n = plan.write_tasks
+    if plan.threads == 1:  # as in runs_affine_all
         rows_grad_input(dy, y, x, dx, g_out, n_channels, 0, n_rows, mean, dy_shift, x_coef,
-                        scale, w.block, w.stream, like)
+                        scale, plan.write_block, plan.stream, like)
         return
-    for p in prange(w.n_parts, schedule='static', num_threads=n_threads):
-        rows_grad_input(dy, y, x, dx, g_out, n_channels, part_start(p, w.n_parts, n_rows),
-                        part_start(p + 1, w.n_parts, n_rows), mean, dy_shift, x_coef, scale,
-                        w.block, w.stream, like)
+    for k in prange(n, schedule='static', num_threads=plan.threads):
+        rows_grad_input(dy, y, x, dx, g_out, n_channels, part_start(k, n, n_rows),
+                        part_start(k + 1, n, n_rows), mean, dy_shift, x_coef, scale,
+                        plan.write_block, plan.stream, like)
 
 
-cdef inline bint fused_channels(Py_ssize_t n_channels, Py_ssize_t count,
-                                bint memory_order) noexcept nogil:
-    """One task per channel, statistics and element-wise pass back to back:
-    unless the call walks memory in order (see short_runs), and with enough
-    channels to keep the threads busy."""
-    return not memory_order and planar_parts(n_channels, count) == 1
-
-
-cdef inline Py_ssize_t planar_scratch(Py_ssize_t n_batch, Py_ssize_t n_channels,
-                                      Py_ssize_t n_spatial) noexcept nogil:
-    """Doubles of partial sums planar_statistics and planar_gradient_sums need."""
-    return 2 * n_channels * max(min(n_batch, BATCH_PARTS),
-                                planar_parts(n_channels, n_batch * n_spatial))
-
-
-cdef void planar_statistics(Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
-                            Py_ssize_t n_spatial, bint memory_order, double *partial,
-                            double *mean, double *m2, int n_threads,
+cdef void planar_statistics(Plan plan, Planar x, Py_ssize_t n_batch, Py_ssize_t n_channels,
+                            Py_ssize_t n_spatial, double *partial, double *mean, double *m2,
                             floating *like) noexcept nogil:
     """mean and M2 of every channel, in memory order or channel by channel."""
-    cdef Py_ssize_t count = n_batch * n_spatial
-    if memory_order:
-        runs_moments(x, n_batch, n_channels, n_spatial, partial, mean, m2, n_threads, like)
+    if plan.memory_order:
+        runs_moments(plan, x, n_batch, n_channels, n_spatial, partial, mean, m2, like)
     else:
-        planar_moments(x, n_channels, n_spatial, count, partial, mean, m2, n_threads, like)
+        planar_moments(plan, x, n_channels, n_spatial, n_batch * n_spatial, partial, mean, m2,
+                       like)
 
 
-cdef void planar_gradient_sums(Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
+cdef void planar_gradient_sums(Plan plan, Planar dy, Planar y, Planar x, Py_ssize_t n_batch,
                                Py_ssize_t n_channels, Py_ssize_t n_spatial,
-                               bint memory_order, const double *mean, double *partial,
-                               double *sum_dy, double *sum_dy_xmu, int n_threads,
-                               floating *like) noexcept nogil:
+                               const double *mean, double *partial, double *sum_dy,
+                               double *sum_dy_xmu, floating *like) noexcept nogil:
     """Gradient sums of every channel, in memory order or channel by channel."""
-    cdef Py_ssize_t count = n_batch * n_spatial
-    if memory_order:
-        runs_grad_sums_all(dy, y, x, n_batch, n_channels, n_spatial, mean, partial, sum_dy,
-                           sum_dy_xmu, n_threads, like)
+    if plan.memory_order:
+        runs_grad_sums_all(plan, dy, y, x, n_batch, n_channels, n_spatial, mean, partial,
+                           sum_dy, sum_dy_xmu, like)
     else:
-        planar_grad_sums_all(dy, y, x, n_channels, n_spatial, count,
-                             planar_parts(n_channels, count), mean, partial, sum_dy,
-                             sum_dy_xmu, n_threads, like)
+        planar_grad_sums_all(plan, dy, y, x, n_channels, n_spatial, n_batch * n_spatial, mean,
+                             partial, sum_dy, sum_dy_xmu, like)
 
 
 ctypedef struct Renorm:
@@ -1370,48 +1404,43 @@ def forward_train_planar(x, out, weight, bias, double eps, mean, var, invstd,
     cdef double *var_p = doubles(var, n_stats, True)
     cdef double *invstd_p = doubles(invstd, n_stats, True)
     cdef Py_ssize_t count = n_batch * n_spatial, t, g, k
-    cdef int n_threads = threads_for(count * n_stats)
-    cdef Py_ssize_t n_arrays = affine_arrays(rv.data != NULL)
-    # how to walk a ghost batch's memory; whether the call's output fits in the cache
-    cdef bint memory_order = short_runs(count * n_channels, n_arrays, n_spatial,
-                                        sizeof(floating))
-    cdef bint stream = streamed(count * n_stats, n_arrays, True, n_spatial, sizeof(floating))
-    cdef bint overlap = overlaps_next(stream, count, 1, sizeof(floating))
+    cdef Plan plan = plan_of(TWO_PASS, False, n_batch, n_channels, n_spatial, ghosts, 0,
+                             sizeof(floating), affine_arrays(rv.data != NULL), 1)
+    cdef int n_threads = plan.threads
     cdef Renorm rn = renorm_view(renorm, n_channels, ghosts)
-    if fused_channels(n_channels, count, memory_order):
+    if plan.per_channel:
         with nogil:
             if n_threads == 1:  # no parallel region, whose start-up dominates small calls
                 train_ghosts(xv, rv, yv, 0, n_channels, ghosts, n_batch, n_channels, n_spatial,
-                             weight_p, bias_p, eps, mean_p, var_p, invstd_p, rn, relu, stream,
-                             overlap, like)
+                             weight_p, bias_p, eps, mean_p, var_p, invstd_p, rn, relu,
+                             plan.stream, plan.overlap, like)
             else:
                 for t in prange(n_threads, schedule='static', num_threads=n_threads):
                     train_ghosts(xv, rv, yv, part_start(t, n_threads, n_channels),
                                  part_start(t + 1, n_threads, n_channels), ghosts, n_batch,
                                  n_channels, n_spatial, weight_p, bias_p, eps, mean_p, var_p,
-                                 invstd_p, rn, relu, stream, overlap, like)
+                                 invstd_p, rn, relu, plan.stream, plan.overlap, like)
         if all_statistics_finite(mean_p, var_p, n_stats, like):
             return ALL_WRITTEN_
         return WRITTEN_BUT_NON_FINITE_
     cdef int written = ALL_WRITTEN_
-    cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial) + 2 * n_channels)
+    cdef double *work = scratch(planar_scratch(plan, n_channels) + 2 * n_channels)
     try:
         with nogil:
             for g in range(ghosts):
                 k = g * n_channels
-                planar_statistics(batch_from(xv, g * n_batch, like), n_batch, n_channels,
-                                  n_spatial, memory_order, work + 2 * n_channels, mean_p + k,
-                                  var_p + k, n_threads, like)
+                planar_statistics(plan, batch_from(xv, g * n_batch, like), n_batch,
+                                  n_channels, n_spatial, work + 2 * n_channels, mean_p + k,
+                                  var_p + k, like)
                 if not affine_coefficients(n_channels, count, eps, weight_p, bias_p, mean_p + k,
                                            var_p + k, invstd_p + k, renorm_from(rn, k), work,
                                            work + n_channels, like):
                     written = NONE_WRITTEN_  # of this ghost batch
                 else:
-                    runs_affine_all(batch_from(xv, g * n_batch, like),
+                    runs_affine_all(plan, batch_from(xv, g * n_batch, like),
                                     batch_from(rv, g * n_batch, like),
                                     batch_from(yv, g * n_batch, like), n_batch, n_channels,
-                                    n_spatial, mean_p + k, work, work + n_channels, relu,
-                                    stream, n_threads, like)
+                                    n_spatial, mean_p + k, work, work + n_channels, relu, like)
     finally:
         free(work)
     return written
@@ -1430,29 +1459,27 @@ def forward_train_rows(x, out, weight, bias, double eps, mean, var, invstd, resi
     cdef double *mean_p = doubles(mean, n_stats, True)
     cdef double *var_p = doubles(var, n_stats, True)
     cdef double *invstd_p = doubles(invstd, n_stats, True)
-    cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef int n_threads = threads_for(n_rows * n_stats)
+    cdef Plan plan = plan_of(TWO_PASS, True, n_rows, n_channels, 1, ghosts,
+                             xv.row_stride * sizeof(floating), sizeof(floating),
+                             affine_arrays(rv.data != NULL), 1)
     cdef Renorm rn = renorm_view(renorm, n_channels, ghosts)
-    cdef bint stream = streamed(n_rows * n_stats, affine_arrays(rv.data != NULL), True,
-                                n_channels, sizeof(floating))
-    cdef double *work = scratch(n_channels * (2 * n_parts + 2))
+    cdef double *work = scratch(n_channels * (2 * plan.ranges + 2))
     cdef int written = ALL_WRITTEN_
     try:
         with nogil:
             for g in range(ghosts):  # ghost batches are runs of rows
                 k = g * n_channels
-                rows_moments(rows_from(xv, g * n_rows, like), n_rows, n_channels, n_parts, work,
-                             mean_p + k, var_p + k, n_threads, like)
+                rows_moments(plan, rows_from(xv, g * n_rows, like), n_rows, n_channels, work,
+                             mean_p + k, var_p + k, like)
                 if not affine_coefficients(n_channels, n_rows, eps, weight_p, bias_p, mean_p + k,
                                            var_p + k, invstd_p + k, renorm_from(rn, k), work,
                                            work + n_channels, like):
                     written = NONE_WRITTEN_  # of this ghost batch
                 else:
-                    rows_affine_all(rows_from(xv, g * n_rows, like),
+                    rows_affine_all(plan, rows_from(xv, g * n_rows, like),
                                     rows_from(rv, g * n_rows, like),
                                     rows_from(yv, g * n_rows, like), n_rows, n_channels,
-                                    mean_p + k, work, work + n_channels, relu, stream,
-                                    n_threads, like)
+                                    mean_p + k, work, work + n_channels, relu, like)
     finally:
         free(work)
     return written
@@ -1525,17 +1552,15 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
     cdef floating *dbias_p = values(dbias, n_stats, True, like)
     cdef Constants rd = renorm_constants(renorm, n_stats)
     cdef Py_ssize_t count = n_batch * n_spatial, t
-    cdef int n_threads = threads_for(count * n_stats)
-    cdef Py_ssize_t n_arrays = grad_input_arrays(yv.data != NULL, gv.data != NULL)
-    cdef bint memory_order = short_runs(count * n_channels, n_arrays, n_spatial,
-                                        sizeof(floating))  # as in the forward
-    cdef bint stream = streamed(count * n_stats, n_arrays, True, n_spatial, sizeof(floating))
-    cdef bint fused = fused_channels(n_channels, count, memory_order)
-    cdef bint overlap = overlaps_next(stream, count, 3 if yv.data != NULL else 2,
-                                      sizeof(floating))
+    cdef Plan plan = plan_of(TWO_PASS, False, n_batch, n_channels, n_spatial, ghosts, 0,
+                             sizeof(floating), grad_input_arrays(yv.data != NULL,
+                                                                 gv.data != NULL),
+                             3 if yv.data != NULL else 2)
+    cdef int n_threads = plan.threads
+    cdef bint fused = plan.per_channel, stream = plan.stream, overlap = plan.overlap
     # weights, sum_dy, sum_dy_xmu, then (not fused) dy_shift, x_coef, scale and partial sums
     cdef double *work = scratch(3 * n_stats if fused else 3 * n_stats + 3 * n_channels
-                                + planar_scratch(n_batch, n_channels, n_spatial))
+                                + planar_scratch(plan, n_channels))
     cdef double *sum_dy = work + n_stats
     cdef double *sum_dy_xmu = work + 2 * n_stats
     cdef double *coefficients = work + 3 * n_stats
@@ -1555,23 +1580,23 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
             else:
                 for g in range(ghosts):
                     k = g * n_channels
-                    planar_gradient_sums(batch_from(dyv, g * n_batch, like),
+                    planar_gradient_sums(plan, batch_from(dyv, g * n_batch, like),
                                          batch_from(yv, g * n_batch, like),
                                          batch_from(xv, g * n_batch, like), n_batch,
-                                         n_channels, n_spatial, memory_order, mean_p + k,
+                                         n_channels, n_spatial, mean_p + k,
                                          coefficients + 3 * n_channels, sum_dy + k,
-                                         sum_dy_xmu + k, n_threads, like)
+                                         sum_dy_xmu + k, like)
                     grad_coefficients(n_channels, count, training, sum_dy + k, sum_dy_xmu + k,
                                       invstd_p + k, weight_p + k, coefficients,
                                       coefficients + n_channels, coefficients + 2 * n_channels)
-                    runs_grad_input_all(batch_from(dyv, g * n_batch, like),
+                    runs_grad_input_all(plan, batch_from(dyv, g * n_batch, like),
                                         batch_from(yv, g * n_batch, like),
                                         batch_from(xv, g * n_batch, like),
                                         batch_from(dxv, g * n_batch, like),
                                         batch_from(gv, g * n_batch, like), n_batch, n_channels,
                                         n_spatial, mean_p + k, coefficients,
                                         coefficients + n_channels,
-                                        coefficients + 2 * n_channels, stream, n_threads, like)
+                                        coefficients + 2 * n_channels, like)
             parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, rd, dweight_p, dbias_p)
     finally:
         free(work)
@@ -1593,13 +1618,12 @@ def backward_rows(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias
     cdef floating *dweight_p = values(dweight, n_stats, True, like)
     cdef floating *dbias_p = values(dbias, n_stats, True, like)
     cdef Constants rd = renorm_constants(renorm, n_stats)
-    cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef int n_threads = threads_for(n_rows * n_stats)
-    cdef bint stream = streamed(n_rows * n_stats,
-                                grad_input_arrays(yv.data != NULL, gv.data != NULL), True,
-                                n_channels, sizeof(floating))
+    cdef Plan plan = plan_of(TWO_PASS, True, n_rows, n_channels, 1, ghosts,
+                             xv.row_stride * sizeof(floating), sizeof(floating),
+                             grad_input_arrays(yv.data != NULL, gv.data != NULL),
+                             3 if yv.data != NULL else 2)
     # weights, sum_dy, sum_dy_xmu, then the partial sums, later dy_shift, x_coef, scale
-    cdef double *work = scratch(3 * n_stats + n_channels * (2 * n_parts + 3))
+    cdef double *work = scratch(3 * n_stats + n_channels * (2 * plan.ranges + 3))
     cdef double *sum_dy = work + n_stats
     cdef double *sum_dy_xmu = work + 2 * n_stats
     cdef double *rest = work + 3 * n_stats
@@ -1608,18 +1632,16 @@ def backward_rows(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias
             weight_p = statistic_weights(weight_p, rd, n_channels, n_stats, work)
             for g in range(ghosts):  # ghost batches are runs of rows
                 k, n = g * n_channels, g * n_rows
-                rows_grad_sums_all(rows_from(dyv, n, like), rows_from(yv, n, like),
-                                   rows_from(xv, n, like), n_rows, n_channels, n_parts,
-                                   mean_p + k, rest, sum_dy + k, sum_dy_xmu + k, n_threads,
-                                   like)
+                rows_grad_sums_all(plan, rows_from(dyv, n, like), rows_from(yv, n, like),
+                                   rows_from(xv, n, like), n_rows, n_channels, mean_p + k,
+                                   rest, sum_dy + k, sum_dy_xmu + k, like)
                 grad_coefficients(n_channels, n_rows, training, sum_dy + k, sum_dy_xmu + k,
                                   invstd_p + k, weight_p + k, rest, rest + n_channels,
                                   rest + 2 * n_channels)
-                rows_grad_input_all(rows_from(dyv, n, like), rows_from(yv, n, like),
+                rows_grad_input_all(plan, rows_from(dyv, n, like), rows_from(yv, n, like),
                                     rows_from(xv, n, like), rows_from(dxv, n, like),
                                     rows_from(gv, n, like), n_rows, n_channels, mean_p + k,
-                                    rest, rest + n_channels, rest + 2 * n_channels, stream,
-                                    n_threads, like)
+                                    rest, rest + n_channels, rest + 2 * n_channels, like)
             parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, rd, dweight_p, dbias_p)
     finally:
         free(work)
@@ -1688,14 +1710,12 @@ def moments_planar(x, mean, m2, floating kind=0):
     cdef Py_ssize_t n_spatial = spatial_extent(x)
     cdef double *mean_p = doubles(mean, n_channels, True)
     cdef double *m2_p = doubles(m2, n_channels, True)
-    cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial))
+    cdef Plan plan = plan_of(SUMS, False, n_batch, n_channels, n_spatial, 1, 0,
+                             sizeof(floating), 1, 1)
+    cdef double *work = scratch(planar_scratch(plan, n_channels))
     try:
         with nogil:
-            planar_statistics(xv, n_batch, n_channels, n_spatial,
-                              short_runs(n_batch * n_channels * n_spatial, 1, n_spatial,
-                                         sizeof(floating)),
-                              work, mean_p, m2_p, threads_for(n_batch * n_channels * n_spatial),
-                              like)
+            planar_statistics(plan, xv, n_batch, n_channels, n_spatial, work, mean_p, m2_p, like)
     finally:
         free(work)
 
@@ -1706,12 +1726,12 @@ def moments_rows(x, mean, m2, floating kind=0):
     cdef Py_ssize_t n_rows = extent(x, 0), n_channels = extent(x, 1)
     cdef double *mean_p = doubles(mean, n_channels, True)
     cdef double *m2_p = doubles(m2, n_channels, True)
-    cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef double *work = scratch(2 * n_channels * n_parts)
+    cdef Plan plan = plan_of(SUMS, True, n_rows, n_channels, 1, 1,
+                             xv.row_stride * sizeof(floating), sizeof(floating), 1, 1)
+    cdef double *work = scratch(2 * n_channels * plan.ranges)
     try:
         with nogil:
-            rows_moments(xv, n_rows, n_channels, n_parts, work, mean_p, m2_p,
-                         threads_for(n_rows * n_channels), like)
+            rows_moments(plan, xv, n_rows, n_channels, work, mean_p, m2_p, like)
     finally:
         free(work)
 
@@ -1727,12 +1747,11 @@ def affine_planar(x, out, mean, scale, shift, residual=None, bint relu=False,
     cdef const double *mean_p = doubles(mean, n_channels, False)
     cdef const double *scale_p = doubles(scale, n_channels, False)
     cdef const double *shift_p = doubles(shift, n_channels, False)
+    cdef Plan plan = plan_of(ONE_PASS, False, n_batch, n_channels, n_spatial, 1, 0,
+                             sizeof(floating), affine_arrays(rv.data != NULL), 1)
     with nogil:
-        runs_affine_all(xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, scale_p, shift_p,
-                        relu, streamed(n_batch * n_channels * n_spatial,
-                                       affine_arrays(rv.data != NULL), False, n_spatial,
-                                       sizeof(floating)),
-                        threads_for(n_batch * n_channels * n_spatial), like)
+        runs_affine_all(plan, xv, rv, yv, n_batch, n_channels, n_spatial, mean_p, scale_p,
+                        shift_p, relu, like)
 
 
 def affine_rows(x, out, mean, scale, shift, residual=None, bint relu=False, floating kind=0):
@@ -1743,11 +1762,12 @@ def affine_rows(x, out, mean, scale, shift, residual=None, bint relu=False, floa
     cdef const double *mean_p = doubles(mean, n_channels, False)
     cdef const double *scale_p = doubles(scale, n_channels, False)
     cdef const double *shift_p = doubles(shift, n_channels, False)
+    cdef Plan plan = plan_of(ONE_PASS, True, n_rows, n_channels, 1, 1,
+                             xv.row_stride * sizeof(floating), sizeof(floating),
+                             affine_arrays(rv.data != NULL), 1)
     with nogil:
-        rows_affine_all(xv, rv, yv, n_rows, n_channels, mean_p, scale_p, shift_p, relu,
-                        streamed(n_rows * n_channels, affine_arrays(rv.data != NULL), False,
-                                 n_channels, sizeof(floating)),
-                        threads_for(n_rows * n_channels), like)
+        rows_affine_all(plan, xv, rv, yv, n_rows, n_channels, mean_p, scale_p, shift_p, relu,
+                        like)
 
 
 def grad_sums_planar(dy, x, mean, sum_dy, sum_dy_xmu, relu_output=None, floating kind=0):
@@ -1759,14 +1779,13 @@ def grad_sums_planar(dy, x, mean, sum_dy, sum_dy_xmu, relu_output=None, floating
     cdef const double *mean_p = doubles(mean, n_channels, False)
     cdef double *sum_dy_p = doubles(sum_dy, n_channels, True)
     cdef double *sum_dy_xmu_p = doubles(sum_dy_xmu, n_channels, True)
-    cdef double *work = scratch(planar_scratch(n_batch, n_channels, n_spatial))
+    cdef Plan plan = plan_of(SUMS, False, n_batch, n_channels, n_spatial, 1, 0,
+                             sizeof(floating), 2 + (yv.data != NULL), 1)
+    cdef double *work = scratch(planar_scratch(plan, n_channels))
     try:
         with nogil:
-            planar_gradient_sums(dyv, yv, xv, n_batch, n_channels, n_spatial,
-                                 short_runs(n_batch * n_channels * n_spatial,
-                                            2 + (yv.data != NULL), n_spatial, sizeof(floating)),
-                                 mean_p, work, sum_dy_p, sum_dy_xmu_p,
-                                 threads_for(n_batch * n_channels * n_spatial), like)
+            planar_gradient_sums(plan, dyv, yv, xv, n_batch, n_channels, n_spatial, mean_p,
+                                 work, sum_dy_p, sum_dy_xmu_p, like)
     finally:
         free(work)
 
@@ -1779,12 +1798,14 @@ def grad_sums_rows(dy, x, mean, sum_dy, sum_dy_xmu, relu_output=None, floating k
     cdef const double *mean_p = doubles(mean, n_channels, False)
     cdef double *sum_dy_p = doubles(sum_dy, n_channels, True)
     cdef double *sum_dy_xmu_p = doubles(sum_dy_xmu, n_channels, True)
-    cdef Py_ssize_t n_parts = rows_parts(n_rows)
-    cdef double *work = scratch(2 * n_channels * n_parts)
+    cdef Plan plan = plan_of(SUMS, True, n_rows, n_channels, 1, 1,
+                             xv.row_stride * sizeof(floating), sizeof(floating),
+                             2 + (yv.data != NULL), 1)
+    cdef double *work = scratch(2 * n_channels * plan.ranges)
     try:
         with nogil:
-            rows_grad_sums_all(dyv, yv, xv, n_rows, n_channels, n_parts, mean_p, work,
-                               sum_dy_p, sum_dy_xmu_p, threads_for(n_rows * n_channels), like)
+            rows_grad_sums_all(plan, dyv, yv, xv, n_rows, n_channels, mean_p, work, sum_dy_p,
+                               sum_dy_xmu_p, like)
     finally:
         free(work)
 
@@ -1803,13 +1824,12 @@ def grad_input_planar(dy, x, dx, mean, dy_shift, x_coef, scale, relu_output=None
     cdef const double *dy_shift_p = doubles(dy_shift, n_channels, False)
     cdef const double *x_coef_p = doubles(x_coef, n_channels, False)
     cdef const double *scale_p = doubles(scale, n_channels, False)
+    cdef Plan plan = plan_of(ONE_PASS, False, n_batch, n_channels, n_spatial, 1, 0,
+                             sizeof(floating),
+                             grad_input_arrays(yv.data != NULL, gv.data != NULL), 2)
     with nogil:
-        runs_grad_input_all(dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial, mean_p,
-                            dy_shift_p, x_coef_p, scale_p,
-                            streamed(n_batch * n_channels * n_spatial,
-                                     grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
-                                     n_spatial, sizeof(floating)),
-                            threads_for(n_batch * n_channels * n_spatial), like)
+        runs_grad_input_all(plan, dyv, yv, xv, dxv, gv, n_batch, n_channels, n_spatial,
+                            mean_p, dy_shift_p, x_coef_p, scale_p, like)
 
 
 def grad_input_rows(dy, x, dx, mean, dy_shift, x_coef, scale, relu_output=None,
@@ -1823,10 +1843,9 @@ def grad_input_rows(dy, x, dx, mean, dy_shift, x_coef, scale, relu_output=None,
     cdef const double *dy_shift_p = doubles(dy_shift, n_channels, False)
     cdef const double *x_coef_p = doubles(x_coef, n_channels, False)
     cdef const double *scale_p = doubles(scale, n_channels, False)
+    cdef Plan plan = plan_of(ONE_PASS, True, n_rows, n_channels, 1, 1,
+                             xv.row_stride * sizeof(floating), sizeof(floating),
+                             grad_input_arrays(yv.data != NULL, gv.data != NULL), 2)
     with nogil:
-        rows_grad_input_all(dyv, yv, xv, dxv, gv, n_rows, n_channels, mean_p, dy_shift_p,
-                            x_coef_p, scale_p,
-                            streamed(n_rows * n_channels,
-                                     grad_input_arrays(yv.data != NULL, gv.data != NULL), False,
-                                     n_channels, sizeof(floating)),
-                            threads_for(n_rows * n_channels), like)
+        rows_grad_input_all(plan, dyv, yv, xv, dxv, gv, n_rows, n_channels, mean_p, dy_shift_p,
+                            x_coef_p, scale_p, like)
