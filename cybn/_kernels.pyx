@@ -21,6 +21,10 @@ run back to back while its data is still in cache; with few channels each
 channel is cut into parts so that every thread has work.  All statistics and
 gradient sums are accumulated in float64, whatever the data type.
 """
+import contextlib
+import contextvars
+import os
+
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite, sqrt
@@ -33,17 +37,20 @@ cnp.import_array()
 # The C loops cybn calls are declared in _kernels.pxd.
 
 
-cybn_detect_fma()
-
-
-def set_fused(bint on):
-    """Use (True) or not fused multiply-adds in the planar float32 passes
-    (see _loops.h; the default is whether the CPU has fma); returns the old
-    setting.  For tests: both forms must agree but for the last bit in rare
-    cases."""
+def _set_fused_form():
+    """Fused multiply-adds in the planar float32 passes (see _loops.h) where
+    the CPU has fma, or as the environment variable CYBN_FMA (0 or 1) says:
+    tests run each form in its own process."""
     global cybn_fused
-    old, cybn_fused = cybn_fused, on
-    return bool(old)
+    cybn_detect_fma()
+    form = os.environ.get("CYBN_FMA", "").strip()
+    if form not in ("", "0", "1"):
+        raise ValueError(f"CYBN_FMA: expected 0 or 1, got {form!r}")
+    if form:
+        cybn_fused = form == "1"
+
+
+_set_fused_form()
 
 
 def machine_and_build():
@@ -152,16 +159,26 @@ ctypedef struct Plan:
 
 
 cdef Caches CACHES  # this machine's, set at import
-cdef Py_ssize_t stream_above = -1  # >= 0: the streaming threshold, for tests
+# The schedule's inputs that tests replace within `forcing` (None: none).
+_forced = contextvars.ContextVar("cybn_forced_schedule", default=None)
+_FORCEABLE = ("l2", "l3", "stream_cache")
 
 
-def set_stream_above(Py_ssize_t n_bytes):
-    """For tests: stream outputs above n_bytes whatever the cache (-1: by the
-    cache again), so that every shape can run through streaming stores with
-    the same plan otherwise; returns the old setting."""
-    global stream_above
-    old, stream_above = stream_above, n_bytes
-    return old
+@contextlib.contextmanager
+def forcing(**inputs):
+    """For tests: the kernels called in this block (in this thread or task)
+    plan with these inputs instead of the machine's: l2 and l3, the cache
+    sizes in bytes, and stream_cache, the cache the streaming decision alone
+    assumes (0: every output with long enough runs is streamed, and the
+    plan is otherwise the same)."""
+    unknown = sorted(set(inputs) - set(_FORCEABLE))
+    if unknown:
+        raise TypeError(f"forcing: unknown inputs {unknown}; expected some of {_FORCEABLE}")
+    token = _forced.set(inputs)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
 
 
 def _set_machine_caches():
@@ -188,10 +205,11 @@ cdef inline int power_of_two_below(Py_ssize_t n) noexcept nogil:
 cdef Plan schedule(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_channels,
                    Py_ssize_t n_spatial, Py_ssize_t ghosts, Py_ssize_t row_bytes,
                    Py_ssize_t itemsize, Py_ssize_t n_arrays, Py_ssize_t n_inputs,
-                   Caches caches, int max_threads) noexcept nogil:
+                   Caches caches, int max_threads, Py_ssize_t stream_cache) noexcept nogil:
     """How a call runs on `ghosts` batches of (n_batch, n_channels, n_spatial)
     (rows: n_spatial 1, rows row_bytes apart), whose element-wise pass
-    touches n_arrays arrays, n_inputs of them read by its sums."""
+    touches n_arrays arrays, n_inputs of them read by its sums; stream_cache
+    (-1: the cache) is the cache the streaming decision assumes."""
     cdef Plan p
     cdef Py_ssize_t n = n_batch * n_channels * n_spatial, count = n_batch * n_spatial
     cdef Py_ssize_t cached = min(caches.l3, CACHE_CAP)
@@ -200,7 +218,7 @@ cdef Plan schedule(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_ch
     cdef Py_ssize_t row_blocks = max(1, n_channels // (
         CHANNELS_MIN if n * itemsize <= cached // 8 else PAGE_BYTES // itemsize))
     cdef Py_ssize_t run = n_channels if rows_layout else n_spatial
-    cdef Py_ssize_t stream_limit = cached if stream_above < 0 else stream_above
+    cdef Py_ssize_t stream_limit = cached if stream_cache < 0 else stream_cache
     p.threads = min(max_threads, power_of_two_below(1 + n * ghosts // THREAD_VALUES))
     p.stream = (op != SUMS and run * itemsize >= STREAM_RUN_BYTES
                 and n * ghosts * n_arrays * itemsize
@@ -227,13 +245,19 @@ cdef Plan schedule(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_ch
     return p
 
 
-cdef inline Plan plan_of(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_channels,
-                         Py_ssize_t n_spatial, Py_ssize_t ghosts, Py_ssize_t row_bytes,
-                         Py_ssize_t itemsize, Py_ssize_t n_arrays,
-                         Py_ssize_t n_inputs) noexcept nogil:
-    """schedule() on this machine."""
+cdef Plan plan_of(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_channels,
+                  Py_ssize_t n_spatial, Py_ssize_t ghosts, Py_ssize_t row_bytes,
+                  Py_ssize_t itemsize, Py_ssize_t n_arrays, Py_ssize_t n_inputs) except *:
+    """schedule() on this machine, or with the inputs `forcing` gives."""
+    cdef Caches caches = CACHES
+    cdef Py_ssize_t stream_cache = -1
+    forced = _forced.get()
+    if forced is not None:
+        caches.l2 = forced.get("l2", caches.l2)
+        caches.l3 = forced.get("l3", caches.l3)
+        stream_cache = forced.get("stream_cache", -1)
     return schedule(op, rows_layout, n_batch, n_channels, n_spatial, ghosts, row_bytes,
-                    itemsize, n_arrays, n_inputs, CACHES, cybn_max_threads())
+                    itemsize, n_arrays, n_inputs, caches, cybn_max_threads(), stream_cache)
 
 
 cdef inline Py_ssize_t planar_scratch(Plan p, Py_ssize_t n_channels) noexcept nogil:
@@ -269,12 +293,12 @@ _OPS = {"train": (TWO_PASS, 1), "backward": (TWO_PASS, 2), "eval": (ONE_PASS, 1)
 
 
 def plan(op, shape, itemsize, *, rows=False, ghosts=1, n_arrays=None, l2=None, l3=None,
-         threads=None):
+         stream_cache=-1, threads=None):
     """The plan of a call, as a dict, and its tasks: for tests and docs.
     op: "train", "eval", "backward" or "sums"; shape: (N, C, *spatial), or
     (R, C) with rows=True; n_arrays defaults to the plain call's (2 for the
     forward, 3 for the backward, 1 for sums).  l2, l3 and threads default to
-    this machine's.  "tasks" maps each parallel region to the values of each
+    this machine's, stream_cache to the cache (see forcing).  "tasks" maps each parallel region to the values of each
     of its tasks, in the order the static schedule deals them."""
     cdef int code = _OPS[op][0]
     cdef Caches caches = CACHES
@@ -289,7 +313,7 @@ def plan(op, shape, itemsize, *, rows=False, ghosts=1, n_arrays=None, l2=None, l
         n_arrays = {"train": 2, "eval": 2, "backward": 3, "sums": 1}[op]
     cdef Plan p = schedule(code, rows, n_batch, n_channels, n_spatial, ghosts,
                            n_channels * itemsize, itemsize, n_arrays, _OPS[op][1], caches,
-                           cybn_max_threads() if threads is None else threads)
+                           cybn_max_threads() if threads is None else threads, stream_cache)
     result = dict(p)
     result["tasks"] = plan_tasks(p, code, rows, n_batch, n_channels, n_spatial, ghosts)
     return result

@@ -56,7 +56,7 @@ static inline int cybn_max_threads(void) { return 1; }
  * form, and their float32 results may differ in the last bit in rare cases.
  * (The rows passes measured no gain and stay unfused, as do float64 ones,
  * which are bound by memory: their results are the same on every machine.)
- * Set once at import by cybn_detect_fma. */
+ * Set once at import (see _set_fused_form in _kernels.pyx). */
 static int cybn_fused = 0;
 
 static void cybn_detect_fma(void)

@@ -118,3 +118,71 @@ def test_thresholds_follow_the_detected_cache():
     channel = (32, 128, 56, 56)  # 400 KB a channel: overlap with a 1 MiB L2, not 512 KiB
     assert _kernels.plan("train", channel, 4, l2=MiB, l3=MiB)["overlap"]
     assert not _kernels.plan("train", channel, 4, l2=MiB // 2, l3=MiB)["overlap"]
+
+
+# Every path on small data, forced by the caches the schedule is given
+# (_kernels.forcing), checked against the float64 reference and for the
+# same bits on 1, 2 and 3 threads.
+FORCED = [
+    ((16, 70, 12, 12), {}, {"per_channel": True}),
+    ((16, 70, 12, 12), {"l3": 64 << 10}, {"memory_order": True}),
+    ((16, 70, 12, 12), {"stream_cache": 0, "l2": 64 << 20}, {"per_channel": True,
+                                                             "overlap": True, "stream": True}),
+    ((64, 5, 24, 24), {}, {"per_channel": False, "memory_order": False}),
+    ((1300, 130), {}, {"blocks": 2}),
+    ((1300, 130), {"l3": 64 << 10}, {"blocks": 1, "ranges": 4}),
+]
+
+
+@pytest.mark.parametrize("shape, inputs, expected", FORCED, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_every_path_forced_by_the_caches_matches_the_reference(shape, inputs, expected, dtype):
+    from threadpoolctl import threadpool_limits
+
+    import cybn
+    from cybn import reference
+    from conftest import assert_close, random_batch
+
+    rows = len(shape) == 2
+    plan = _kernels.plan("train", shape, np.dtype(dtype).itemsize, rows=rows, **inputs)
+    assert {key: plan[key] for key in expected} == expected
+    x = random_batch(shape, dtype, seed=11, offset=4.0)
+    dy = random_batch(shape, dtype, seed=12)
+    c = shape[1]
+    w, b = np.linspace(0.5, 1.5, c), np.linspace(-1, 1, c)
+    results = []
+    for threads in (1, 2, 3):
+        with threadpool_limits(threads, user_api="openmp"), _kernels.forcing(**inputs):
+            y, mean, invstd = cybn.forward_train(x, w, b)
+            dx, dw, db = cybn.backward(dy, x, mean, invstd, w)
+            y_eval = cybn.forward_eval(x, mean, 1 / invstd ** 2, w, b, eps=0.0)
+            count, m, m2 = cybn.batch_moments(x)
+        results.append([y, mean, invstd, dx, dw, db, y_eval, m, m2])
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert a.tobytes() == b_.tobytes()
+    y, mean, invstd, dx, dw, db, y_eval, m, m2 = results[0]
+    y_ref, mean_ref, invstd_ref, *_ = reference.forward_train(x, w, b)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(mean, mean_ref, dtype, "mean")
+    assert_close(invstd, invstd_ref, dtype, "invstd")
+    for name, got, want in zip(["dx", "dw", "db"], (dx, dw, db),
+                               reference.backward(dy, x, mean, invstd, w)):
+        assert_close(got, want, dtype, name)
+    assert_close(y_eval, y_ref, dtype, "y_eval")
+
+
+def test_forcing_takes_only_the_schedules_inputs_and_ends_with_its_block():
+    with pytest.raises(TypeError, match="unknown inputs"):
+        with _kernels.forcing(threads=3):
+            pass
+    shape = (16, 70, 12, 12)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    import cybn
+
+    with _kernels.forcing(l3=64 << 10):
+        forced = cybn.batch_moments(x)[2]
+    plain = cybn.batch_moments(x)[2]
+    again = cybn.batch_moments(x)[2]
+    assert plain.tobytes() == again.tobytes()
+    np.testing.assert_allclose(forced, plain, rtol=1e-12)

@@ -1,9 +1,9 @@
 """Streaming stores (outputs written around the cache) change no value.
 
 The training forward and the backward write by streaming stores only when
-their arrays exceed the cache (32 MiB), the evaluation forward only when they
-exceed twice that, in runs of at least 512 bytes.  With
-the threshold set to 0 every such call with long enough runs takes them, so
+their arrays exceed the cache (at most 32 MiB), the evaluation forward only when
+they exceed twice that, in runs of at least 512 bytes.  With the streaming
+decision's cache forced to 0 every call with long enough runs takes them, so
 that every shape, layout, fusion and output alignment below is compared bit
 for bit with plain stores (which the other tests check against the
 reference); big calls check the threshold's own path against the reference."""
@@ -23,9 +23,8 @@ STREAM_SHAPES = SHAPES + [(2, 3, 17, 19), (3, 2, 130), (5, 640), (37, 1030), (30
 
 @pytest.fixture
 def always_stream():
-    old = _kernels.set_stream_above(0)
-    yield
-    _kernels.set_stream_above(old)
+    with _kernels.forcing(stream_cache=0):
+        yield
 
 
 def offset_empty(shape, dtype, offset):

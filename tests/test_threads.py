@@ -61,14 +61,11 @@ def test_streamed_per_channel_path_is_bitwise_identical_for_any_thread_count(sha
     channels split among threads differently for each count."""
     x = random_batch(shape, dtype, seed=3, offset=-2)
     dy = random_batch(shape, dtype, seed=4)
-    old = _kernels.set_stream_above(0)
-    try:
-        results = {}
+    results = {}
+    with _kernels.forcing(stream_cache=0):
         for n in (1, 2, 3, 4, 7):
             with threadpool_limits(n, user_api="openmp"):
                 results[n] = _all_results(x, dy)
-    finally:
-        _kernels.set_stream_above(old)
     for n, values in results.items():
         for i, (a, b) in enumerate(zip(values, results[1])):
             assert a.tobytes() == b.tobytes(), f"result {i} differs with {n} threads"
