@@ -710,13 +710,18 @@ def forward_eval(x, running_mean, running_var, weight=None, bias=None, *, eps=1e
     """Batch normalization in evaluation mode: y = (x - running_mean) /
     sqrt(running_var + eps) * weight + bias per channel, then `residual`
     added and activation="relu" applied when given.  Returns y."""
-    x, axis, (mean, var, weight, bias), relu, residual, plain_out = _affine_arguments(
-        x, axis, (("running_mean", running_mean, None), ("running_var", running_var, None),
-                  ("weight", weight, 1.0), ("bias", bias, 0.0)), residual, activation, out)
     eps = _eps(eps)
-    if x.shape[axis]:
-        _kernels.divide_by_sqrt(weight, var, eps)  # weight is a fresh copy
-    return _affine(x, mean, weight, bias, plain_out, axis, residual, relu, out)
+    x, axis, vectors, relu, residual, plain_out = _affine_arguments(
+        x, axis, (("running_mean", running_mean, None), ("running_var", running_var, None),
+                  ("weight", weight, 1.0), ("bias", bias, 0.0)), residual, activation, out,
+        lambda n: _kernels.eval_coefficients(running_mean, running_var, weight, bias, eps, n))
+    if len(vectors) == 4:  # converted one by one: scale = weight / sqrt(var + eps)
+        mean, var, weight, bias = vectors
+        if x.shape[axis]:
+            _kernels.divide_by_sqrt(weight, var, eps)  # weight is a fresh copy
+        vectors = [mean, weight, bias]
+    mean, scale, shift = vectors
+    return _affine(x, mean, scale, shift, plain_out, axis, residual, relu, out)
 
 
 def normalize(x, mean, invstd, weight=None, bias=None, *, out=None, axis=1, residual=None,
@@ -730,18 +735,23 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, out=None, axis=1, resi
     return _affine(x, mean, weight * invstd, bias, plain_out, axis, residual, relu, out)
 
 
-def _affine_arguments(x, axis, vectors, residual, activation, out):
+def _affine_arguments(x, axis, vectors, residual, activation, out, quickly=None):
     """The checks of the element-wise functions: (x, axis, the per-channel
     vectors as float64, relu, residual, out) from (name, value, default)
-    triples, arrays as plain ndarrays."""
+    triples, arrays as plain ndarrays.  quickly(C), when given, may return
+    the vectors the caller needs from those in the common case, in one call
+    (None: the vectors are converted one by one)."""
     x = _check_data(x, "x")
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
-    vectors = [_vector(value, n_channels, name, default) for name, value, default in vectors]
+    converted = None if quickly is None else quickly(n_channels)
+    if converted is None:
+        converted = [_vector(value, n_channels, name, default)
+                     for name, value, default in vectors]
     relu = _activation(activation)
     residual = _check_optional(residual, "residual", x)
     out = _check_out(out, x)
-    return x, axis, vectors, relu, residual, out
+    return x, axis, converted, relu, residual, out
 
 
 def _affine(x, mean, scale, shift, out, axis, residual, relu, returned=None):

@@ -1375,6 +1375,21 @@ def float64_copy(v, Py_ssize_t n):
     or float64 ndarray of shape (n,), of any stride; None otherwise (cybn._api
     then converts v itself, or says what is wrong with it).  NumPy's astype
     widens float32 without SIMD."""
+    return None if v is None else copied(v, n, 0.0)
+
+
+cdef object copied(object v, Py_ssize_t n, double default):
+    """float64_copy(v, n), or n times `default` for v None."""
+    cdef cnp.npy_intp size = n
+    cdef cnp.ndarray result
+    cdef double *out
+    cdef Py_ssize_t i
+    if v is None:
+        result = cnp.PyArray_EMPTY(1, &size, cnp.NPY_DOUBLE, 0)
+        out = <double *>cnp.PyArray_DATA(result)
+        for i in range(n):
+            out[i] = default
+        return result
     if type(v) is not cnp.ndarray:
         return None
     cdef cnp.ndarray arr = <cnp.ndarray>v
@@ -1383,11 +1398,10 @@ def float64_copy(v, Py_ssize_t n):
             or (type_num != cnp.NPY_FLOAT and type_num != cnp.NPY_DOUBLE)
             or not cnp.PyArray_ISALIGNED(arr) or not cnp.PyArray_ISNOTSWAPPED(arr)):
         return None
-    cdef cnp.npy_intp size = n
-    cdef cnp.ndarray result = cnp.PyArray_EMPTY(1, &size, cnp.NPY_DOUBLE, 0)
-    cdef double *out = <double *>cnp.PyArray_DATA(result)
+    result = cnp.PyArray_EMPTY(1, &size, cnp.NPY_DOUBLE, 0)
+    out = <double *>cnp.PyArray_DATA(result)
     cdef char *src = cnp.PyArray_BYTES(arr)
-    cdef Py_ssize_t stride = cnp.PyArray_STRIDE(arr, 0), i
+    cdef Py_ssize_t stride = cnp.PyArray_STRIDE(arr, 0)
     if type_num == cnp.NPY_FLOAT and stride == sizeof(float):
         for i in range(n):
             out[i] = (<float *>src)[i]
@@ -1398,6 +1412,25 @@ def float64_copy(v, Py_ssize_t n):
         for i in range(n):
             out[i] = (<double *>(src + i * stride))[0]
     return result
+
+
+def eval_coefficients(running_mean, running_var, weight, bias, double eps, Py_ssize_t n):
+    """[mean, scale, shift] of the evaluation forward as new float64 arrays:
+    running_mean, weight / sqrt(running_var + eps) (as divide_by_sqrt) and
+    bias, weight None counting as 1 and bias None as 0; None unless
+    running_mean and running_var, and weight and bias where given, are all
+    what float64_copy takes (cybn._api then converts and checks them)."""
+    if running_mean is None or running_var is None:
+        return None
+    mean = copied(running_mean, n, 0.0)
+    var = copied(running_var, n, 0.0)
+    scale = copied(weight, n, 1.0)
+    shift = copied(bias, n, 0.0)
+    if mean is None or var is None or scale is None or shift is None:
+        return None
+    cybn_divide_by_sqrt(<double *>cnp.PyArray_DATA(<cnp.ndarray>scale),
+                        <double *>cnp.PyArray_DATA(<cnp.ndarray>var), eps, n)
+    return [mean, scale, shift]
 
 
 # ---------------------------------------------------------------------------

@@ -324,3 +324,29 @@ def test_no_full_size_temporaries_with_out(shape):
     finally:
         tracemalloc.stop()
     assert peak < 64 * c * 8 + 65536, f"peak {peak} bytes for {x.nbytes} bytes of data"
+
+
+def test_evaluation_coefficients_in_one_call_match_those_converted_one_by_one():
+    """forward_eval takes its four vectors in one C call when they are float32
+    or float64 arrays (of any stride); lists, ints and other dtypes go one by
+    one through NumPy: both give the same bits, with weight and bias absent
+    too, and with running_var + eps <= 0 (infinite or NaN scale)."""
+    x = random_batch((6, 5, 3, 3), np.float64, seed=50)
+    rng = np.random.default_rng(51)
+    rm, w, b = rng.standard_normal(5), rng.uniform(0.5, 2, 5), rng.standard_normal(5)
+    rv = np.array([0.5, 2.0, 0.0, -1e-5, 3.0])
+    strided = np.empty(10)
+    strided[::2] = rv
+    for args in [(rm, rv, w, b), (rm, rv, None, None), (rm.astype(np.float32), strided[::2],
+                                                        w.astype(np.float32), None)]:
+        with np.errstate(all="ignore"):
+            quick = cybn.forward_eval(x, *args, eps=1e-5)
+            slow = cybn.forward_eval(x, *[None if a is None else a.tolist() for a in args],
+                                     eps=1e-5)
+            mean, var, weight, bias = (np.asarray(a if a is not None else np.full(5, d),
+                                                  np.float64)
+                                       for a, d in zip(args, (0, 0, 1.0, 0.0)))
+            expected = (x - mean[:, None, None]) / np.sqrt(var + 1e-5)[:, None, None] \
+                * weight[:, None, None] + bias[:, None, None]
+        np.testing.assert_array_equal(quick, slow)
+        np.testing.assert_allclose(quick, expected, rtol=1e-14, atol=1e-14)
