@@ -80,10 +80,12 @@ def max_threads():
 cdef Py_ssize_t THREAD_VALUES = 1 << 17
 # Work is cut into TASKS_PER_THREAD tasks for each thread the call could use
 # on PLANNED_THREADS (not on this machine: the tasks fix the order of the
-# sums), of at least TASK_VALUES values: the busiest thread then does at most
-# 1.25 times the mean on up to 64 threads (tests/test_schedule.py).
+# sums), at least MIN_TASKS (which measured best on 2 threads), of at least
+# TASK_VALUES values: the busiest thread then does at most 1.25 times the
+# mean on up to 64 threads (tests/test_schedule.py).
 cdef Py_ssize_t TASKS_PER_THREAD = 4
 cdef Py_ssize_t PLANNED_THREADS = 64
+cdef Py_ssize_t MIN_TASKS = 16
 cdef Py_ssize_t TASK_VALUES = 1 << 14
 # Planar data with at least MIN_CHANNELS channels, or too few values to cut,
 # runs a task per channel, its statistics then its element-wise pass while it
@@ -105,13 +107,15 @@ cdef Py_ssize_t PREFETCH_RUNS = 2
 
 cdef inline Py_ssize_t runs_ahead(Py_ssize_t n_spatial, Py_ssize_t itemsize) noexcept nogil:
     return PREFETCH_RUNS if n_spatial * itemsize < PREFETCH_RUN_BYTES else 0
-# Rows sums cut the data into ranges of at least ROWS_MIN rows, each keeping
-# 2 x C partial sums (at most 1/64 of its data: more cost as much as the data
-# to add up), a power of two of them to deal evenly; then, for the tasks still
+# Rows sums cut the data into ranges of at least ROWS_MIN rows outside an
+# eighth of the cache, each keeping 2 x C partial sums (at most 1/64 of its
+# data: more cost as much as the data to add up), of CACHED_ROWS_MIN within
+# it, a power of two of them to deal evenly; then, for the tasks still
 # needed, into blocks of channels (no value depends on them), of a page or
 # more outside the cache (narrower ones read a few lines of each page), of at
 # least CHANNELS_MIN within it.  No more threads run than there are tasks.
 cdef Py_ssize_t ROWS_MIN = 256
+cdef Py_ssize_t CACHED_ROWS_MIN = 64
 cdef Py_ssize_t CHANNELS_MIN = 64
 # Rows element-wise tasks hold at least WRITE_ROWS_MIN rows.
 cdef Py_ssize_t WRITE_ROWS_MIN = 4
@@ -213,8 +217,8 @@ cdef Plan schedule(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_ch
     cdef Plan p
     cdef Py_ssize_t n = n_batch * n_channels * n_spatial, count = n_batch * n_spatial
     cdef Py_ssize_t cached = min(caches.l3, CACHE_CAP)
-    cdef Py_ssize_t tasks = TASKS_PER_THREAD * min(PLANNED_THREADS,
-                                                   power_of_two_below(1 + n // THREAD_VALUES))
+    cdef Py_ssize_t tasks = max(MIN_TASKS, TASKS_PER_THREAD * min(
+        PLANNED_THREADS, power_of_two_below(1 + n // THREAD_VALUES)))
     cdef Py_ssize_t row_blocks = max(1, n_channels // (
         CHANNELS_MIN if n * itemsize <= cached // 8 else PAGE_BYTES // itemsize))
     cdef Py_ssize_t run = n_channels if rows_layout else n_spatial
@@ -231,7 +235,8 @@ cdef Plan schedule(int op, bint rows_layout, Py_ssize_t n_batch, Py_ssize_t n_ch
     p.overlap = p.per_channel and p.stream and count * n_inputs * itemsize <= caches.l2 // 2
     p.chunk = max(1, TASK_VALUES // n_spatial)
     if rows_layout:
-        p.ranges = power_of_two_below(min(n_batch // ROWS_MIN, ceil_div(tasks, row_blocks)))
+        p.ranges = power_of_two_below(min(n_batch // (
+            ROWS_MIN if n * itemsize > cached // 8 else CACHED_ROWS_MIN), tasks))
         p.blocks = min(row_blocks, ceil_div(tasks, p.ranges))
         p.threads = min(p.threads, p.ranges * p.blocks)
     else:

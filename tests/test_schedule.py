@@ -96,7 +96,7 @@ def test_the_plan_does_not_depend_on_the_thread_count_where_values_do():
     ((8, 3, 224, 224), False, {"per_channel": False, "memory_order": False, "parts": 11}),
     # rows: blocks of channels of a page or more, then ranges of rows
     ((4096, 1024), True, {"per_channel": False, "ranges": 16, "blocks": 1}),
-    ((64, 2048), True, {"ranges": 1, "blocks": 8}),
+    ((64, 2048), True, {"ranges": 1, "blocks": 16}),
 ], ids=str)
 def test_representative_shapes_get_their_paths(shape, rows, expected):
     plan = _kernels.plan("train", shape, 4, rows=rows, l2=MiB, l3=32 * MiB)
@@ -129,8 +129,9 @@ FORCED = [
     ((16, 70, 12, 12), {"stream_cache": 0, "l2": 64 << 20}, {"per_channel": True,
                                                              "overlap": True, "stream": True}),
     ((64, 5, 24, 24), {}, {"per_channel": False, "memory_order": False}),
-    ((1300, 130), {}, {"blocks": 2}),
-    ((1300, 130), {"l3": 64 << 10}, {"blocks": 1, "ranges": 4}),
+    ((1300, 130), {}, {"ranges": 16, "blocks": 1}),
+    ((1300, 130), {"l3": 64 << 10}, {"ranges": 4, "blocks": 1}),
+    ((300, 520), {}, {"ranges": 4, "blocks": 4}),
 ]
 
 
