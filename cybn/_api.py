@@ -711,16 +711,10 @@ def forward_eval(x, running_mean, running_var, weight=None, bias=None, *, eps=1e
     sqrt(running_var + eps) * weight + bias per channel, then `residual`
     added and activation="relu" applied when given.  Returns y."""
     eps = _eps(eps)
-    x, axis, vectors, relu, residual, plain_out = _affine_arguments(
+    x, axis, (mean, scale, shift), relu, residual, plain_out = _affine_arguments(
         x, axis, (("running_mean", running_mean, None), ("running_var", running_var, None),
                   ("weight", weight, 1.0), ("bias", bias, 0.0)), residual, activation, out,
-        lambda n: _kernels.eval_coefficients(running_mean, running_var, weight, bias, eps, n))
-    if len(vectors) == 4:  # converted one by one: scale = weight / sqrt(var + eps)
-        mean, var, weight, bias = vectors
-        if x.shape[axis]:
-            _kernels.divide_by_sqrt(weight, var, eps)  # weight is a fresh copy
-        vectors = [mean, weight, bias]
-    mean, scale, shift = vectors
+        lambda n, values: _kernels.eval_coefficients(*values, eps, n))
     return _affine(x, mean, scale, shift, plain_out, axis, residual, relu, out)
 
 
@@ -735,19 +729,22 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, out=None, axis=1, resi
     return _affine(x, mean, weight * invstd, bias, plain_out, axis, residual, relu, out)
 
 
-def _affine_arguments(x, axis, vectors, residual, activation, out, quickly=None):
+def _affine_arguments(x, axis, vectors, residual, activation, out, combine=None):
     """The checks of the element-wise functions: (x, axis, the per-channel
     vectors as float64, relu, residual, out) from (name, value, default)
-    triples, arrays as plain ndarrays.  quickly(C), when given, may return
-    the vectors the caller needs from those in the common case, in one call
-    (None: the vectors are converted one by one)."""
+    triples, arrays as plain ndarrays.  combine(C, values), when given, makes
+    the vectors returned from the values: from the caller's own in one call
+    where it can (else None), or from their float64 conversions."""
     x = _check_data(x, "x")
     axis = _axis(axis, x.ndim)
     n_channels = x.shape[axis]
-    converted = None if quickly is None else quickly(n_channels)
+    values = [value for _, value, _ in vectors]
+    converted = None if combine is None else combine(n_channels, values)
     if converted is None:
         converted = [_vector(value, n_channels, name, default)
                      for name, value, default in vectors]
+        if combine is not None:
+            converted = combine(n_channels, converted)
     relu = _activation(activation)
     residual = _check_optional(residual, "residual", x)
     out = _check_out(out, x)

@@ -107,6 +107,8 @@ cdef Py_ssize_t PREFETCH_RUNS = 2
 
 cdef inline Py_ssize_t runs_ahead(Py_ssize_t n_spatial, Py_ssize_t itemsize) noexcept nogil:
     return PREFETCH_RUNS if n_spatial * itemsize < PREFETCH_RUN_BYTES else 0
+
+
 # Rows sums cut the data into ranges of at least ROWS_MIN rows outside an
 # eighth of the cache, each keeping 2 x C partial sums (at most 1/64 of its
 # data: more cost as much as the data to add up), of CACHED_ROWS_MIN within
@@ -280,6 +282,17 @@ ctypedef struct Tile:
     Py_ssize_t part, begin, end, first, count
 
 
+cdef inline double *tile_sums(double *partial, Tile t, Py_ssize_t n_channels) noexcept nogil:
+    """The 2 x C partial sums of tile t's range (partial[(2 * part + k) * C +
+    c]), those of the tile's channels set to zero."""
+    cdef double *sums = partial + 2 * t.part * n_channels
+    cdef Py_ssize_t c
+    for c in range(t.first, t.first + t.count):
+        sums[c] = 0.0
+        sums[n_channels + c] = 0.0
+    return sums
+
+
 cdef inline Tile tile(Plan p, Py_ssize_t task, Py_ssize_t n_batch,
                       Py_ssize_t n_channels) noexcept nogil:
     """Task `task` of the range-by-block sums (memory order, rows)."""
@@ -303,8 +316,9 @@ def plan(op, shape, itemsize, *, rows=False, ghosts=1, n_arrays=None, l2=None, l
     op: "train", "eval", "backward" or "sums"; shape: (N, C, *spatial), or
     (R, C) with rows=True; n_arrays defaults to the plain call's (2 for the
     forward, 3 for the backward, 1 for sums).  l2, l3 and threads default to
-    this machine's, stream_cache to the cache (see forcing).  "tasks" maps each parallel region to the values of each
-    of its tasks, in the order the static schedule deals them."""
+    this machine's, stream_cache to the cache (see forcing).  "tasks" maps
+    each parallel region to the values of each of its tasks, in the order the
+    static schedule deals them."""
     cdef int code = _OPS[op][0]
     cdef Caches caches = CACHES
     cdef Py_ssize_t n_batch = shape[0] // ghosts, n_channels = shape[1], n_spatial = 1
@@ -340,7 +354,8 @@ cdef dict plan_tasks(Plan p, int op, bint rows_layout, Py_ssize_t n_batch,
                 t = tile(p, k, n_batch, n_channels)
                 sums.append((t.end - t.begin) * t.count * n_spatial)
         else:
-            sums = [part_start(k % p.parts + 1, p.parts, count) - part_start(k % p.parts, p.parts, count)
+            sums = [part_start(k % p.parts + 1, p.parts, count)
+                    - part_start(k % p.parts, p.parts, count)
                     for k in range(n_channels * p.parts)]
         regions["sums"] = sums
     if op != SUMS:
@@ -926,10 +941,7 @@ cdef void rows_moments(Plan plan, Rows x, Py_ssize_t n_rows, Py_ssize_t n_channe
         for task in prange(plan.ranges * plan.blocks, schedule='static',
                            num_threads=plan.threads):
             t = tile(plan, task, n_rows, n_channels)
-            sums = partial + 2 * t.part * n_channels + t.first
-            for c in range(t.count):
-                sums[c] = 0.0
-                sums[n_channels + c] = 0.0
+            sums = tile_sums(partial, t, n_channels) + t.first
             rows_sums(columns(x, t.first, like), t.count, t.begin, t.end, mean + t.first,
                       sums, sums + n_channels, plan.sums_block, like)
         finish_moments(partial, n_channels, plan.ranges, 2 * n_channels, 1, n_channels,
@@ -960,15 +972,12 @@ cdef void rows_grad_sums_all(Plan plan, Rows dy, Rows y, Rows x, Py_ssize_t n_ro
                              floating *like) noexcept nogil:
     """Gradient sums of rows data in plan's tiles; partial holds
     2 * ranges * n_channels doubles."""
-    cdef Py_ssize_t task, c
+    cdef Py_ssize_t task
     cdef Tile t
     cdef double *sums
     for task in prange(plan.ranges * plan.blocks, schedule='static', num_threads=plan.threads):
         t = tile(plan, task, n_rows, n_channels)
-        sums = partial + 2 * t.part * n_channels + t.first
-        for c in range(t.count):
-            sums[c] = 0.0
-            sums[n_channels + c] = 0.0
+        sums = tile_sums(partial, t, n_channels) + t.first
         rows_grad_sums(columns(dy, t.first, like), columns(y, t.first, like),
                        columns(x, t.first, like), t.count, t.begin, t.end, mean + t.first,
                        sums, sums + n_channels, plan.sums_block, like)
@@ -983,17 +992,14 @@ cdef void runs_moments(Plan plan, Planar x, Py_ssize_t n_batch, Py_ssize_t n_cha
     plan's tiles: ranges of the batch by blocks of channels (the centred pass,
     for the few channels that need it, by channel); partial holds
     planar_scratch doubles."""
-    cdef Py_ssize_t task, c, n
+    cdef Py_ssize_t task, n
     cdef double count = <double>n_batch * n_spatial
     cdef Tile t
     cdef double *sums
     first_shifts(x, n_channels, n_batch, n_spatial, mean, plan.threads, like)
     for task in prange(plan.ranges * plan.blocks, schedule='static', num_threads=plan.threads):
         t = tile(plan, task, n_batch, n_channels)
-        sums = partial + 2 * t.part * n_channels
-        for c in range(t.first, t.first + t.count):
-            sums[c] = 0.0
-            sums[n_channels + c] = 0.0
+        sums = tile_sums(partial, t, n_channels)
         for n in range(t.begin, t.end):
             runs_sums(x, n_channels, n_spatial, n * n_channels + t.first,
                       n * n_channels + t.first + t.count, mean, sums, sums + n_channels, like)
@@ -1008,15 +1014,12 @@ cdef void runs_grad_sums_all(Plan plan, Planar dy, Planar y, Planar x, Py_ssize_
                              floating *like) noexcept nogil:
     """Gradient sums of every planar channel in memory order, in plan's tiles
     as runs_moments; partial holds 2 * ranges * C doubles."""
-    cdef Py_ssize_t task, c, n
+    cdef Py_ssize_t task, n
     cdef Tile t
     cdef double *sums
     for task in prange(plan.ranges * plan.blocks, schedule='static', num_threads=plan.threads):
         t = tile(plan, task, n_batch, n_channels)
-        sums = partial + 2 * t.part * n_channels
-        for c in range(t.first, t.first + t.count):
-            sums[c] = 0.0
-            sums[n_channels + c] = 0.0
+        sums = tile_sums(partial, t, n_channels)
         for n in range(t.begin, t.end):
             runs_grad_sums(dy, y, x, n_channels, n_spatial, n * n_channels + t.first,
                            n * n_channels + t.first + t.count, mean, sums, sums + n_channels,
@@ -1421,10 +1424,11 @@ cdef object copied(object v, Py_ssize_t n, double default):
 
 def eval_coefficients(running_mean, running_var, weight, bias, double eps, Py_ssize_t n):
     """[mean, scale, shift] of the evaluation forward as new float64 arrays:
-    running_mean, weight / sqrt(running_var + eps) (as divide_by_sqrt) and
-    bias, weight None counting as 1 and bias None as 0; None unless
-    running_mean and running_var, and weight and bias where given, are all
-    what float64_copy takes (cybn._api then converts and checks them)."""
+    running_mean, weight / sqrt(running_var + eps) (IEEE: running_var + eps
+    <= 0 gives Inf or NaN, without warnings) and bias, weight None counting
+    as 1 and bias None as 0; None unless running_mean and running_var, and
+    weight and bias where given, are all what float64_copy takes (cybn._api
+    then converts and checks them, and calls this again)."""
     if running_mean is None or running_var is None:
         return None
     mean = copied(running_mean, n, 0.0)
@@ -1619,26 +1623,26 @@ def backward_planar(dy, x, dx, mean, invstd, weight, bint training, dweight, dbi
                                                                  gv.data != NULL),
                              3 if yv.data != NULL else 2)
     cdef int n_threads = plan.threads
-    cdef bint fused = plan.per_channel, stream = plan.stream, overlap = plan.overlap
-    # weights, sum_dy, sum_dy_xmu, then (not fused) dy_shift, x_coef, scale and partial sums
-    cdef double *work = scratch(3 * n_stats if fused else 3 * n_stats + 3 * n_channels
-                                + planar_scratch(plan, n_channels))
+    # weights, sum_dy, sum_dy_xmu, then (not per channel) dy_shift, x_coef, scale and
+    # partial sums
+    cdef double *work = scratch(3 * n_stats if plan.per_channel else 3 * n_stats
+                                + 3 * n_channels + planar_scratch(plan, n_channels))
     cdef double *sum_dy = work + n_stats
     cdef double *sum_dy_xmu = work + 2 * n_stats
     cdef double *coefficients = work + 3 * n_stats
     try:
         with nogil:
             weight_p = statistic_weights(weight_p, rd, n_channels, n_stats, work)
-            if fused and n_threads == 1:  # no parallel region, as in the forward
+            if plan.per_channel and n_threads == 1:  # no parallel region, as in the forward
                 backward_ghosts(dyv, yv, xv, dxv, gv, 0, n_channels, ghosts, n_batch,
                                 n_channels, n_spatial, mean_p, invstd_p, weight_p, training,
-                                sum_dy, sum_dy_xmu, stream, overlap, like)
-            elif fused:
+                                sum_dy, sum_dy_xmu, plan.stream, plan.overlap, like)
+            elif plan.per_channel:
                 for t in prange(n_threads, schedule='static', num_threads=n_threads):
                     backward_ghosts(dyv, yv, xv, dxv, gv, part_start(t, n_threads, n_channels),
                                     part_start(t + 1, n_threads, n_channels), ghosts, n_batch,
                                     n_channels, n_spatial, mean_p, invstd_p, weight_p,
-                                    training, sum_dy, sum_dy_xmu, stream, overlap, like)
+                                    training, sum_dy, sum_dy_xmu, plan.stream, plan.overlap, like)
             else:
                 for g in range(ghosts):
                     k = g * n_channels
@@ -1707,14 +1711,6 @@ def backward_rows(dy, x, dx, mean, invstd, weight, bint training, dweight, dbias
             parameter_gradients(n_stats, sum_dy, sum_dy_xmu, invstd_p, rd, dweight_p, dbias_p)
     finally:
         free(work)
-
-
-def divide_by_sqrt(a, v, double eps):
-    """a <- a / sqrt(v + eps) in place, for float64 vectors (evaluation's
-    scale from the running variance), with IEEE results and no warnings:
-    v + eps <= 0 gives Inf or NaN."""
-    cdef Py_ssize_t n = extent(a, 0) if isinstance(a, cnp.ndarray) else 0
-    cybn_divide_by_sqrt(doubles(a, n, True), doubles(v, n, False), eps, n)
 
 
 cdef inline double column_mean(const double *a, Py_ssize_t c, Py_ssize_t n_channels,
